@@ -1,0 +1,41 @@
+"""User-facing errors: one clear line, no traceback.
+
+Library code raises `UserError` (or a subclass) for anything the user can fix: a bad config field, a file
+that is not a checkpoint, a malformed record. Scripts catch it and print `error: <message>` with exit
+status 1 (see `run_main`). Bugs stay ordinary exceptions with their tracebacks.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+
+class UserError(Exception):
+  """A problem with the user's input. The message names the file/field and what to do."""
+
+
+class ConfigError(UserError):
+  """An invalid model or run configuration."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint that cannot be read, converted or written."""
+
+
+class DataError(UserError):
+  """A dataset that cannot be read or validated."""
+
+
+def fail(message: str) -> NoReturn:
+  """Prints `error: message` to stderr and exits with status 1."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  raise SystemExit(1)
+
+
+def run_main(main: Callable[..., object], *args, **kwargs) -> object:
+  """Runs `main`, turning a `UserError` into a one-line message and exit status 1."""
+  try:
+    return main(*args, **kwargs)
+  except UserError as e:
+    fail(str(e))

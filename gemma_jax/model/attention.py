@@ -1,0 +1,107 @@
+"""Multi-head attention with GQA/MQA, QK-norm, RoPE, soft-capping, sliding windows and a KV cache.
+
+Letters: B batch, T query length, S key length, D model, N query heads, K kv heads, G = N / K heads per kv
+head, H head dim.
+
+Visibility is decided by positions alone: key position p is visible from query position q iff
+`0 <= p <= q` (and `q - W < p` on sliding-window layers), and, for packed rows, the segments match.
+Padding tokens get key position -1, so no query ever sees them.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gemma_jax.model import kv_cache
+from gemma_jax.model.config import AttentionType, TransformerConfig
+from gemma_jax.model.layers import Einsum, RMSNorm, soft_cap
+from gemma_jax.model.rope import apply_rope
+from gemma_jax.model.sharding import ShardingContext, constrain
+
+# The official implementation's mask value: finite, so a fully masked row (padding) gives no NaN.
+MASK_VALUE = -2.3819763e38
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None,
+                   q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
+  """[B, T, S] bool: which keys each query sees. q_pos [B, T], k_pos [B, S] (-1 = never visible)."""
+  q = q_pos[:, :, None]
+  k = k_pos[:, None, :]
+  visible = (k >= 0) & (k <= q)
+  if window is not None:
+    visible &= k > q - window
+  if q_seg is not None:
+    visible &= q_seg[:, :, None] == k_seg[:, None, :]
+  return visible
+
+
+class Attention(nn.Module):
+  config: TransformerConfig
+  attn_type: AttentionType
+  sharding: ShardingContext | None = None
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    if c.num_heads == c.num_kv_heads:  # MHA: one fused projection, as in the official checkpoints
+      self.qkv_einsum = Einsum((3, c.num_heads, c.embed_dim, c.head_dim),
+                               (None, "heads", "embed", "head_dim"), **kw)
+    else:
+      self.q_einsum = Einsum((c.num_heads, c.embed_dim, c.head_dim), ("heads", "embed", "head_dim"), **kw)
+      self.kv_einsum = Einsum((2, c.num_kv_heads, c.embed_dim, c.head_dim),
+                              (None, "kv_heads", "embed", "head_dim"), **kw)
+    self.attn_vec_einsum = Einsum((c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"), **kw)
+    if c.use_qk_norm:
+      self._query_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype))
+      self._key_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype))
+
+  @property
+  def window(self) -> int | None:
+    return self.config.sliding_window_size if self.attn_type == AttentionType.LOCAL else None
+
+  def __call__(self, x: jax.Array, positions: jax.Array, key_pos: jax.Array,
+               segment_ids: jax.Array | None, cache: kv_cache.LayerCache | None
+               ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
+    """x [B, T, D]; positions [B, T]; key_pos [B, T] (positions, -1 on padding).
+
+    Returns [B, T, D] and the updated layer cache (None without one).
+    """
+    c = self.config
+    if c.num_heads == c.num_kv_heads:
+      q, k, v = self.qkv_einsum("BTD,CNDH->CBTNH", x)
+    else:
+      q = self.q_einsum("BTD,NDH->BTNH", x)
+      k, v = self.kv_einsum("BTD,CKDH->CBTKH", x)
+    if c.use_qk_norm:
+      q, k = self._query_norm(q), self._key_norm(k)
+    is_global = self.attn_type == AttentionType.GLOBAL
+    base = c.global_base_frequency if is_global else c.local_base_frequency
+    scale = c.global_scale_factor if is_global else 1.0
+    q = apply_rope(q, positions, base_frequency=base, scale_factor=scale) * jnp.asarray(c.query_scale, q.dtype)
+    k = apply_rope(k, positions, base_frequency=base, scale_factor=scale)
+
+    q_seg = k_seg = None
+    if cache is None:
+      keys, values, k_pos, new_cache = k, v, key_pos, None
+      q_seg = k_seg = segment_ids
+    elif x.shape[1] == 1:  # decode: write first; the slot it overwrites is already outside the window
+      new_cache = kv_cache.write(cache, k, v, key_pos)
+      keys, values, k_pos = new_cache["k"], new_cache["v"], new_cache["pos"]
+    else:  # a chunk on top of a cache: attend over old slots plus the chunk, then write
+      keys = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
+      values = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
+      k_pos = jnp.concatenate([cache["pos"], key_pos], axis=1)
+      new_cache = kv_cache.write(cache, k, v, key_pos)
+
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, c.num_kv_heads, c.num_groups, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+    logits = soft_cap(logits, c.attn_logits_soft_cap)
+    mask = attention_mask(positions, k_pos, self.window, q_seg, k_seg)
+    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
+    encoded = constrain(encoded, ("batch", "length", "heads", "head_dim"), self.sharding)
+    return self.attn_vec_einsum("BTNH,NHD->BTD", encoded), new_cache

@@ -1,0 +1,241 @@
+"""Model configuration: one frozen dataclass, presets with the real Gemma sizes.
+
+Every preset is a constructor that takes overrides, e.g. `TransformerConfig.gemma3_1b(dtype="bfloat16")`,
+and is also reachable by name: `TransformerConfig.from_preset("gemma3-1b")`. Tiny configs for tests are
+plain `TransformerConfig(...)` calls; `__post_init__` rejects anything that cannot run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from typing import Any, Literal
+
+from gemma_jax.errors import ConfigError
+
+Family = Literal["gemma1", "gemma2", "gemma3"]
+FAMILIES = ("gemma1", "gemma2", "gemma3")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "block", "dots")
+
+
+class AttentionType(str, enum.Enum):
+  GLOBAL = "global"
+  LOCAL = "local"  # sliding window: key p visible from query q iff q - W < p <= q
+
+
+def attention_pattern(family: str, num_layers: int) -> tuple[AttentionType, ...]:
+  """Each family's local/global layer pattern, tiled over `num_layers`.
+
+  Gemma 1: all global. Gemma 2: (local, global) repeated. Gemma 3: 5 local then 1 global, repeated; a
+  remainder takes the pattern's prefix.
+  """
+  g, l = AttentionType.GLOBAL, AttentionType.LOCAL
+  pattern = {"gemma1": (g,), "gemma2": (l, g), "gemma3": (l, l, l, l, l, g)}[family]
+  return tuple(pattern[i % len(pattern)] for i in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """A Gemma text transformer. Letters: L layers, D embed, F MLP, N/K query/kv heads, H head dim, V vocab."""
+
+  family: Family
+  num_layers: int  # L
+  embed_dim: int  # D
+  hidden_dim: int  # F, per GeGLU branch
+  num_heads: int  # N
+  num_kv_heads: int  # K; 1 = MQA, N = MHA, else GQA
+  head_dim: int  # H
+  vocab_size: int  # V, rows of the embedding table
+  query_pre_attn_scalar: float  # queries are multiplied by query_pre_attn_scalar ** -0.5
+  attention_types: tuple[AttentionType, ...] = ()  # one per layer; () = the family's pattern
+  sliding_window_size: int | None = None  # W, for LOCAL layers
+  attn_logits_soft_cap: float | None = None  # Gemma 2: 50
+  final_logit_soft_cap: float | None = None  # Gemma 2: 30
+  use_post_attn_norm: bool = False  # Gemma 2/3
+  use_post_ffw_norm: bool = False  # Gemma 2/3
+  use_qk_norm: bool = False  # Gemma 3
+  local_base_frequency: float = 10_000.0
+  global_base_frequency: float = 10_000.0
+  global_scale_factor: float = 1.0  # Gemma 3 4B+: positions / 8 on global layers (linear RoPE scaling)
+  max_seq_len: int = 8192  # context the model was trained for (informational; caches size themselves)
+  dtype: str = "float32"  # compute dtype; softmax, norms and the logits are always f32
+  param_dtype: str = "float32"
+  remat: str = "none"  # "none", "block" (recompute each block), "dots" (save matmul outputs only)
+  norm_eps: float = 1e-6
+  preset: str | None = None  # the real model this config describes, if any
+
+  def __post_init__(self):
+    if not self.attention_types:
+      object.__setattr__(self, "attention_types", attention_pattern(self.family, self.num_layers))
+    else:
+      object.__setattr__(self, "attention_types", tuple(AttentionType(t) for t in self.attention_types))
+    self.validate()
+
+  # ---------------------------------------------------------------------------------------------------
+  def validate(self) -> None:
+    def bad(field, why):
+      raise ConfigError(f"config field {field}={getattr(self, field)!r}: {why}")
+
+    if self.family not in FAMILIES:
+      bad("family", f"unknown family; use one of {', '.join(FAMILIES)}")
+    for f in ("num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
+      if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+        bad(f, "must be a positive integer")
+    if self.num_heads % self.num_kv_heads:
+      bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
+    if self.head_dim % 2:
+      bad("head_dim", "must be even (RoPE rotates pairs)")
+    if len(self.attention_types) != self.num_layers:
+      bad("attention_types", f"has {len(self.attention_types)} entries for num_layers={self.num_layers}")
+    if AttentionType.LOCAL in self.attention_types:
+      if self.sliding_window_size is None or self.sliding_window_size <= 0:
+        bad("sliding_window_size", "local (sliding-window) layers need a window > 0")
+    elif self.sliding_window_size is not None and self.sliding_window_size <= 0:
+      bad("sliding_window_size", "must be > 0 or None")
+    for f in ("attn_logits_soft_cap", "final_logit_soft_cap"):
+      v = getattr(self, f)
+      if v is not None and v <= 0:
+        bad(f, "must be > 0 or None")
+    if self.query_pre_attn_scalar <= 0:
+      bad("query_pre_attn_scalar", "must be > 0")
+    if self.global_scale_factor < 1.0:
+      bad("global_scale_factor", "must be >= 1")
+    if self.dtype not in DTYPES:
+      bad("dtype", f"use one of {', '.join(DTYPES)}")
+    if self.param_dtype not in DTYPES:
+      bad("param_dtype", f"use one of {', '.join(DTYPES)}")
+    if self.remat not in REMAT:
+      bad("remat", f"use one of {', '.join(REMAT)}")
+
+  # ---------------------------------------------------------------------------------------------------
+  @property
+  def num_groups(self) -> int:
+    """G: query heads per kv head."""
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def query_scale(self) -> float:
+    return self.query_pre_attn_scalar ** -0.5
+
+  def replace(self, **overrides) -> "TransformerConfig":
+    if "num_layers" in overrides and "attention_types" not in overrides:
+      overrides["attention_types"] = ()  # re-derive the pattern for the new depth
+    try:
+      return dataclasses.replace(self, **overrides)
+    except TypeError as e:
+      raise ConfigError(f"unknown config field in {sorted(overrides)}: {e}") from None
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["attention_types"] = [t.value for t in self.attention_types]
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "TransformerConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"unknown model config fields {unknown}; known: {sorted(known)}")
+    d = dict(d)
+    d["attention_types"] = tuple(d.get("attention_types", ()))
+    return cls(**d)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+  # ---------------------------------------------------------------------------------------------------
+  @classmethod
+  def from_preset(cls, name: str, **overrides) -> "TransformerConfig":
+    key = name.replace("-", "_").replace(".", "_").lower()
+    if key not in PRESETS:
+      raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
+    return getattr(cls, key)(**overrides)
+
+  @classmethod
+  def _make(cls, preset: str, overrides: dict, **fields) -> "TransformerConfig":
+    fields.update(overrides)
+    fields.setdefault("preset", preset)
+    return cls(**fields)
+
+  # Gemma 1 ------------------------------------------------------------------------------------------
+  @classmethod
+  def gemma1_2b(cls, **o):
+    return cls._make("gemma1-2b", o, family="gemma1", num_layers=18, embed_dim=2048, hidden_dim=16384,
+                     num_heads=8, num_kv_heads=1, head_dim=256, vocab_size=256128,
+                     query_pre_attn_scalar=256, max_seq_len=8192)
+
+  @classmethod
+  def gemma1_7b(cls, **o):
+    return cls._make("gemma1-7b", o, family="gemma1", num_layers=28, embed_dim=3072, hidden_dim=24576,
+                     num_heads=16, num_kv_heads=16, head_dim=256, vocab_size=256128,
+                     query_pre_attn_scalar=256, max_seq_len=8192)
+
+  # Gemma 2 ------------------------------------------------------------------------------------------
+  @classmethod
+  def _gemma2(cls, preset, o, **fields):
+    return cls._make(preset, o, family="gemma2", vocab_size=256128, sliding_window_size=4096,
+                     attn_logits_soft_cap=50.0, final_logit_soft_cap=30.0, use_post_attn_norm=True,
+                     use_post_ffw_norm=True, max_seq_len=8192, **fields)
+
+  @classmethod
+  def gemma2_2b(cls, **o):
+    return cls._gemma2("gemma2-2b", o, num_layers=26, embed_dim=2304, hidden_dim=9216, num_heads=8,
+                       num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256)
+
+  @classmethod
+  def gemma2_9b(cls, **o):
+    return cls._gemma2("gemma2-9b", o, num_layers=42, embed_dim=3584, hidden_dim=14336, num_heads=16,
+                       num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256)
+
+  @classmethod
+  def gemma2_27b(cls, **o):
+    return cls._gemma2("gemma2-27b", o, num_layers=46, embed_dim=4608, hidden_dim=36864, num_heads=32,
+                       num_kv_heads=16, head_dim=128, query_pre_attn_scalar=4608 // 32)
+
+  # Gemma 3 (text) -----------------------------------------------------------------------------------
+  @classmethod
+  def _gemma3(cls, preset, o, **fields):
+    fields.setdefault("global_scale_factor", 8.0)
+    fields.setdefault("sliding_window_size", 1024)
+    fields.setdefault("max_seq_len", 131072)
+    return cls._make(preset, o, family="gemma3", vocab_size=262144, use_post_attn_norm=True,
+                     use_post_ffw_norm=True, use_qk_norm=True, local_base_frequency=10_000.0,
+                     global_base_frequency=1_000_000.0, **fields)
+
+  @classmethod
+  def gemma3_270m(cls, **o):
+    return cls._gemma3("gemma3-270m", o, num_layers=18, embed_dim=640, hidden_dim=2048, num_heads=4,
+                       num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window_size=512,
+                       global_scale_factor=1.0, max_seq_len=32768)
+
+  @classmethod
+  def gemma3_1b(cls, **o):
+    return cls._gemma3("gemma3-1b", o, num_layers=26, embed_dim=1152, hidden_dim=6912, num_heads=4,
+                       num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window_size=512,
+                       global_scale_factor=1.0, max_seq_len=32768)
+
+  @classmethod
+  def gemma3_4b(cls, **o):
+    return cls._gemma3("gemma3-4b", o, num_layers=34, embed_dim=2560, hidden_dim=10240, num_heads=8,
+                       num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256)
+
+  @classmethod
+  def gemma3_12b(cls, **o):
+    return cls._gemma3("gemma3-12b", o, num_layers=48, embed_dim=3840, hidden_dim=15360, num_heads=16,
+                       num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256)
+
+  @classmethod
+  def gemma3_27b(cls, **o):
+    return cls._gemma3("gemma3-27b", o, num_layers=62, embed_dim=5376, hidden_dim=21504, num_heads=32,
+                       num_kv_heads=16, head_dim=128, query_pre_attn_scalar=5376 // 32)
+
+
+PRESETS = ("gemma1_2b", "gemma1_7b", "gemma2_2b", "gemma2_9b", "gemma2_27b", "gemma3_270m", "gemma3_1b",
+           "gemma3_4b", "gemma3_12b", "gemma3_27b")
+
+
+def preset_names() -> list[str]:
+  """Preset names as users write them: 'gemma3-270m', ..."""
+  return [p.replace("_", "-") for p in PRESETS]

