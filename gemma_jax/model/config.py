@@ -67,6 +67,8 @@ class TransformerConfig:
   preset: str | None = None  # the real model this config describes, if any
 
   def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ConfigError(f"config field family={self.family!r}: unknown family; use one of {', '.join(FAMILIES)}")
     if not self.attention_types:
       object.__setattr__(self, "attention_types", attention_pattern(self.family, self.num_layers))
     else:

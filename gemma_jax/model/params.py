@@ -15,14 +15,20 @@ from gemma_jax.model.transformer import Transformer
 Params = dict[str, Any]
 
 
-def _init_fn(config: TransformerConfig):
+def _boxed_init(config: TransformerConfig):
   model = Transformer(config)
   tokens = jnp.zeros((1, 1), jnp.int32)
   return lambda rng: model.init(rng, tokens)["params"]
 
 
+def make_init(config: TransformerConfig):
+  """`rng -> params` (plain arrays), to jit with `out_shardings` (see `init_params`)."""
+  boxed = _boxed_init(config)
+  return lambda rng: nn.meta.unbox(boxed(rng))
+
+
 def _boxed_shapes(config: TransformerConfig) -> Params:
-  return jax.eval_shape(_init_fn(config), jax.random.key(0))
+  return jax.eval_shape(_boxed_init(config), jax.random.key(0))
 
 
 def param_shapes(config: TransformerConfig) -> Params:
@@ -42,7 +48,7 @@ def param_shardings(config: TransformerConfig, ctx: ShardingContext) -> Params:
 
 def init_params(config: TransformerConfig, rng: jax.Array, sharding: ShardingContext | None = None) -> Params:
   """Random parameters; with a sharding context each device builds only its shard (no host copy)."""
-  init = lambda r: nn.meta.unbox(_init_fn(config)(r))
+  init = make_init(config)
   if sharding is None:
     return jax.jit(init)(rng)
   return jax.jit(init, out_shardings=param_shardings(config, sharding))(rng)
