@@ -1,0 +1,214 @@
+"""Per-token log-probs of the next token from the final hidden states, chunked over the sequence.
+
+    hidden [R, T, D] --(tied head, soft-cap, chunk of C positions at a time)--> log p(tokens[:, t] | tokens[:, :t])
+
+The full f32 logits [R, T, V] are never materialized: a `lax.scan` walks over chunks of C positions and keeps
+only [R, C, V] alive; the backward pass (a custom VJP) walks the chunks again, recomputing each chunk's logits
+from the saved hidden states, and accumulates the embedding gradient [V, D] in its carry. Peak memory is set
+by the chunk, not by T or V (tests/test_logprobs.py checks the compiled memory analysis).
+
+Chunks run along the sequence axis so every chunk keeps the batch axis (R) and the vocabulary axis (V) whole:
+under a mesh, the batch stays sharded over data/fsdp and the vocabulary over tensor, and XLA's SPMD partitioner
+reduces the log-sum-exp across vocabulary shards.
+
+Letters: R rows (2B for preference batches), T positions, D model, V vocabulary, C positions per chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gemma_jax.model.config import TransformerConfig
+from gemma_jax.model.transformer import logits_from_hidden
+
+# Default chunk budget: C is chosen so that one chunk of f32 logits [R, C, V] is about this many bytes.
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+class LogProbs(NamedTuple):
+  """logprobs [R, T] f32: log p(tokens[:, t] | tokens[:, :t]) under the logits at t - 1; 0 at t = 0.
+
+  logit_sums [R] f32: sum over the positions in `logit_sum_mask` and over the vocabulary of the (soft-capped)
+  logits. For metrics only: it carries no gradient.
+  """
+
+  logprobs: jax.Array
+  logit_sums: jax.Array
+
+
+def chunk_positions(rows: int, vocab: int, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+  """C: positions per chunk so that one f32 chunk of logits [rows, C, vocab] fits `max_chunk_bytes`."""
+  return max(1, max_chunk_bytes // max(1, rows * vocab * 4))
+
+
+def token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, config: TransformerConfig, *,
+                   logit_sum_mask: jax.Array | None = None, chunk_size: int | None = None,
+                   max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool = False) -> LogProbs:
+  """Log-probs of each next token, chunked; the gradient flows to `hidden` and `embedding`.
+
+  Args:
+    hidden: [R, T, D] final-normed hidden states (`Transformer.apply(..., return_hidden=True)`).
+    embedding: [V, D] the tied embedding table (`params["embedder"]["input_embedding"]`).
+    tokens: [R, T] int: the inputs; tokens[:, t] is the target of the logits at t - 1.
+    config: the model config (its `final_logit_soft_cap` applies).
+    logit_sum_mask: [R, T] bool or float: which positions' logits (the logits computed AT position t, i.e.
+      predicting t + 1) enter `logit_sums`. Default: every position but the last (TRL's `logits[:, :-1]`).
+    chunk_size: C, positions per chunk; default from `max_chunk_bytes`.
+    save_logits: keep every chunk's logits for the backward pass instead of recomputing the logits there
+      (one head matmul fewer per step, but [R, T, V] f32 memory again: for small vocabularies or CPU runs).
+  Returns: LogProbs(logprobs [R, T], logit_sums [R]).
+  """
+  r, t, d = hidden.shape
+  if logit_sum_mask is None:
+    logit_sum_mask = jnp.ones((r, t), bool).at[:, -1].set(False)
+  n = t - 1  # positions that predict a next token
+  c = chunk_size or chunk_positions(r, embedding.shape[0], max_chunk_bytes)
+  c = max(1, min(c, n))
+  chunks = -(-n // c)
+  pad = chunks * c - n
+
+  def split(x, fill):  # [R, n, ...] -> [chunks, R, C, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    x = x.reshape((r, chunks, c) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  h = split(hidden[:, :-1], 0)
+  y = split(tokens[:, 1:].astype(jnp.int32), 0)
+  m = split(logit_sum_mask[:, :-1].astype(jnp.float32), 0)
+  lp, sums = _chunked_logprobs(config.final_logit_soft_cap, save_logits, h, y, m, embedding)
+  lp = jnp.moveaxis(lp, 0, 1).reshape(r, chunks * c)[:, :n]
+  lp = jnp.concatenate([jnp.zeros((r, 1), lp.dtype), lp], axis=1)
+  # The logits at the last position predict nothing but may enter the metric's sum (never in TRL's layout).
+  last = jnp.where(logit_sum_mask[:, -1], jnp.sum(logits_from_hidden(hidden[:, -1], embedding, config), -1), 0.0)
+  return LogProbs(lp, jax.lax.stop_gradient(sums + last))
+
+
+def naive_token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, config: TransformerConfig, *,
+                         logit_sum_mask: jax.Array | None = None) -> LogProbs:
+  """The same as `token_logprobs` through the full f32 logits [R, T, V]: the reference for tests."""
+  r, t, _ = hidden.shape
+  if logit_sum_mask is None:
+    logit_sum_mask = jnp.ones((r, t), bool).at[:, -1].set(False)
+  logits = logits_from_hidden(hidden, embedding, config)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  lp = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+  lp = jnp.concatenate([jnp.zeros((r, 1), lp.dtype), lp], axis=1)
+  sums = jnp.sum(jnp.sum(logits, -1) * logit_sum_mask, -1)
+  return LogProbs(lp, jax.lax.stop_gradient(sums))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The chunked kernel: forward and backward scans with a custom VJP.
+
+def _cap(z: jax.Array, cap: float | None) -> jax.Array:
+  return z if cap is None else jnp.tanh(z / cap) * cap
+
+
+def _chunk_logits(h: jax.Array, e: jax.Array, cap: float | None) -> jax.Array:
+  """h [R, C, D], e [V, D] -> soft-capped f32 logits [R, C, V]."""
+  return _cap(jnp.einsum("RCD,VD->RCV", h, e.astype(h.dtype), preferred_element_type=jnp.float32), cap)
+
+
+def _forward(cap, save_logits, h, y, m, e):
+  r = h.shape[1]
+
+  def body(sums, xs):
+    hc, yc, mc = xs
+    logits = _chunk_logits(hc, e, cap)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
+    sums = sums + jnp.sum(jnp.sum(logits, -1) * mc, -1)
+    return sums, (target - lse, lse, logits if save_logits else None)
+
+  sums, (lp, lse, saved) = jax.lax.scan(body, jnp.zeros((r,), jnp.float32), (h, y, m))
+  return lp, sums, lse, saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_logprobs(cap, save_logits, h, y, m, e):
+  """h [n, R, C, D], y [n, R, C] int32, m [n, R, C] f32, e [V, D] -> (logprobs [n, R, C], logit sums [R])."""
+  lp, sums, _, _ = _forward(cap, save_logits, h, y, m, e)
+  return lp, sums
+
+
+def _chunked_fwd(cap, save_logits, h, y, m, e):
+  lp, sums, lse, saved = _forward(cap, save_logits, h, y, m, e)
+  return (lp, sums), (h, y, lse, saved, e)
+
+
+def _chunked_bwd(cap, save_logits, res, cts):
+  h, y, lse, saved, e = res
+  g, _ = cts  # the logit sums are metrics: their cotangent is dropped (they are stop_gradient'ed above)
+  vocab = e.shape[0]
+
+  def body(de, xs):
+    hc, yc, lsec, gc, saved_logits = xs
+    logits = saved_logits if save_logits else _chunk_logits(hc, e, cap)
+    p = jnp.exp(logits - lsec[..., None])
+    onehot = yc[..., None] == jax.lax.broadcasted_iota(jnp.int32, p.shape, 2)
+    dlogits = gc[..., None] * (onehot.astype(jnp.float32) - p)  # d logp / d capped logits
+    if cap is not None:
+      dlogits = dlogits * (1.0 - jnp.square(logits / cap))  # d(cap tanh(z / cap)) / dz
+    dlogits = dlogits.astype(hc.dtype)
+    dh = jnp.einsum("RCV,VD->RCD", dlogits, e.astype(hc.dtype), preferred_element_type=jnp.float32)
+    de = de + jnp.einsum("RCV,RCD->VD", dlogits, hc, preferred_element_type=jnp.float32)
+    return de, dh.astype(hc.dtype)
+
+  de0 = jnp.zeros((vocab, e.shape[1]), jnp.float32)
+  de, dh = jax.lax.scan(body, de0, (h, y, lse, g, saved))
+  return dh, None, None, de.astype(e.dtype)
+
+
+_chunked_logprobs.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From a batch and the model's params.
+
+def fill_positions(input_mask: jax.Array) -> jax.Array:
+  """[R, T] positions: counted over the real tokens, and continued through the padding after them.
+
+  Real tokens get the positions they would have alone; the right padding after a row gets the next positions
+  (as HF, which numbers every slot `arange(T)`), so the padding logits (which only TRL's logits/* metrics read)
+  match the HF reference. Leading padding gets 0.
+  """
+  t = input_mask.shape[1]
+  counted = jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1
+  first = jnp.argmax(input_mask, axis=1).astype(jnp.int32)
+  continued = jnp.arange(t, dtype=jnp.int32)[None, :] - first[:, None]
+  return jnp.maximum(jnp.where(input_mask, counted, continued), 0)
+
+
+def model_logprobs(params, batch: dict[str, jax.Array], *, model, config: TransformerConfig | None = None,
+                   logit_sum_mask: jax.Array | None = None, chunk_size: int | None = None,
+                   max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool = False) -> LogProbs:
+  """Runs `model` (a `Transformer`) on `batch` and returns the chunked `LogProbs` of its tokens.
+
+  batch: tokens [R, T] int32, input_mask [R, T] bool; optional positions, segment_ids [R, T] (packing).
+  """
+  config = config or model.config
+  tokens, mask = batch["tokens"], batch["input_mask"].astype(bool)
+  positions = batch.get("positions")
+  if positions is None:
+    positions = fill_positions(mask)
+  hidden, _ = model.apply({"params": params}, tokens, positions=positions, input_mask=mask,
+                          segment_ids=batch.get("segment_ids"), return_hidden=True)
+  return token_logprobs(hidden, params["embedder"]["input_embedding"], tokens, config,
+                        logit_sum_mask=logit_sum_mask, chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes,
+                        save_logits=save_logits)
+
+
+def masked_sums(logprobs: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of logprobs [R] over `mask` [R, T], count [R] f32)."""
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(logprobs * mask, axis=1), jnp.sum(mask, axis=1)
+
+
+def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[2B, ...] rows (chosen first, then rejected) -> (chosen [B, ...], rejected [B, ...])."""
+  b = x.shape[0] // 2
+  return x[:b], x[b:]
