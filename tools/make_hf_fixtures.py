@@ -151,7 +151,7 @@ def make_real(out_dir: str) -> None:
 # Random tiny models
 
 VOCAB = 256
-COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, head_dim=16, max_position_embeddings=256,
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, head_dim=16, max_position_embeddings=256,
               rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
 
 
@@ -159,7 +159,7 @@ BF16_COPIES = ("gemma2", "gemma3")
 
 
 def tiny_specs():
-  """name -> (transformers config, sequence length). head_dim 16 != D/N = 12 everywhere."""
+  """name -> (transformers config, sequence length). head_dim 16 != D/N = 8 everywhere."""
   from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig
   return {
       "gemma1_mqa": (GemmaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
