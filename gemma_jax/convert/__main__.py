@@ -66,8 +66,9 @@ def _read(fmt: str, src: str, dtype: str | None):
   raise AssertionError(fmt)
 
 
-def _template_dict(template: str, family: str, saved: dict[str, Any] | None) -> dict[str, Any] | None:
-  """The template to save: 'none', a name, or 'auto' (the source's saved one, else the family's)."""
+def _template_dict(template: str, imported, saved: dict[str, Any] | None) -> dict[str, Any] | None:
+  """The template to save: 'none', a name, or 'auto': the source's saved one, else the one whose HF Jinja text
+  the source carries, else the family's."""
   if template == "none":
     return None
   try:
@@ -80,17 +81,20 @@ def _template_dict(template: str, family: str, saved: dict[str, Any] | None) -> 
     return templates.get_template(template).to_dict()
   if saved is not None:
     return saved
-  return templates.template_for_family(family).to_dict()
+  for name, jinja in templates.HF_CHAT_TEMPLATES.items():
+    if imported.chat_template is not None and imported.chat_template.strip() == jinja.strip():
+      return templates.get_template(name).to_dict()
+  return templates.template_for_family(imported.config.family).to_dict()
 
 
-def _chat_template_text(template: dict[str, Any] | None, imported) -> Any:
-  """What write_hf gets as the chat template: the source's own text, else our saved template."""
+def _chat_template_text(template: dict[str, Any] | None, imported) -> str | None:
+  """The Jinja chat template written with an HF export: the source's own text, else our template's."""
   if imported.chat_template is not None:
     return imported.chat_template
   if template is None:
     return None
   from gemma_jax.templates import ChatTemplate
-  return ChatTemplate.from_dict(template)
+  return ChatTemplate.from_dict(template).hf_jinja
 
 
 def _check_dst(dst: str, dst_format: str, overwrite: bool) -> None:
@@ -135,7 +139,7 @@ def convert(*, src: str, dst: str, dst_format: str = "native", dtype: str | None
   _say(f"reading {src} ({fmt})")
   imported, saved_template = _read(fmt, src, dtype)
   kind = kind or imported.kind
-  tmpl = _template_dict(template, imported.config.family, saved_template)
+  tmpl = _template_dict(template, imported, saved_template)
 
   if dst_format == "native":
     from gemma_jax import checkpoint

@@ -1,0 +1,384 @@
+"""`python -m gemma_jax.convert` end to end (subprocesses), source detection, and every bad input of issue 4.
+
+Every bad input must give exactly one line `error: ...` naming the file or tensor, a non-zero exit, no
+traceback, and nothing at --dst (no temporary directory either).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from gemma_jax import checkpoint
+from gemma_jax.convert.detect import detect_format
+from gemma_jax.errors import CheckpointError
+from gemma_jax.model import init_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env["JAX_PLATFORMS"] = "cpu"
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _cli_args(*args):
+  return [sys.executable, "-m", "gemma_jax.convert", *args]
+
+
+def run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
+  return subprocess.run(_cli_args(*args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _np(tree, dtype=None):
+  return jax.tree.map(lambda x: np.asarray(x) if dtype is None else np.asarray(x).astype(dtype), tree)
+
+
+def _bits(x):
+  x = np.asarray(x)
+  return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+def assert_bitwise(a, b):
+  fa, fb = checkpoint._flatten(a), checkpoint._flatten(b)
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
+    np.testing.assert_array_equal(_bits(fa[k]), _bits(fb[k]), err_msg=k)
+
+
+def _leftovers(dst: str) -> list[str]:
+  parent, base = os.path.split(dst)
+  return sorted(f for f in os.listdir(parent) if f == base or f.startswith(base + "."))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+  """A tiny Gemma 2 (sliding window, soft-caps, post norms) with a 320-row vocabulary for the tokenizer."""
+  config = tiny_config("gemma2", vocab_size=320)
+  return config, _np(init_params(config, jax.random.key(3))), tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def sources(model, tmp_path_factory):
+  """The same model as a native checkpoint, an HF directory and an official Flax checkpoint."""
+  from gemma_jax.convert.hf import write_hf
+  config, params, tok = model
+  d = tmp_path_factory.mktemp("sources")
+  checkpoint.save(d / "native", config=config, params=params, tokenizer=tok, kind="it",
+                  template={"name": "gemma"})
+  write_hf(str(d / "hf"), config, params, tokenizer=tok, progress=False)
+  try:  # TEMPORARY until official.py lands
+    from gemma_jax.convert.official import write_official
+    write_official(str(d / "official"), config, params)
+  except ImportError:
+    return {"native": str(d / "native"), "hf": str(d / "hf")}
+  return {"native": str(d / "native"), "hf": str(d / "hf"), "official": str(d / "official")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Detection
+
+
+def test_detect_format(sources, tmp_path):
+  for fmt, path in sources.items():
+    assert detect_format(path) == fmt
+  gguf = tmp_path / "x.gguf"
+  gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+  assert detect_format(gguf) == "gguf"
+  with pytest.raises(CheckpointError, match="parameter folder of a gemma_jax checkpoint; pass its parent"):
+    detect_format(os.path.join(sources["native"], "params"))
+  (tmp_path / "g").mkdir()
+  (tmp_path / "g" / "m.gguf").write_bytes(b"GGUF")
+  with pytest.raises(CheckpointError, match=r"pass the file itself, e.g. --src=.*g/m.gguf"):
+    detect_format(tmp_path / "g")
+  (tmp_path / "lone.safetensors").write_bytes(b"\0" * 8)
+  with pytest.raises(CheckpointError, match="a lone safetensors file; pass the directory"):
+    detect_format(tmp_path / "lone.safetensors")
+  (tmp_path / "w.pt").write_bytes(b"\x80\x02")
+  with pytest.raises(CheckpointError, match="pickle-based weights \\(w.pt\\) are refused"):
+    detect_format(tmp_path / "w.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def _read_dst(path: str, dst_format: str):
+  if dst_format == "native":
+    ck = checkpoint.load(path)
+    return ck.config, _np(ck.params), ck
+  from gemma_jax.convert.hf import read_hf
+  imp = read_hf(path, progress=False)
+  return imp.config, imp.params, imp
+
+
+@pytest.mark.parametrize("src_format", ["native", "hf", "official"])
+@pytest.mark.parametrize("dst_format", ["native", "hf"])
+def test_convert_end_to_end(model, sources, tmp_path, src_format, dst_format):
+  config, params, tok = model
+  if src_format not in sources:
+    pytest.skip("TEMPORARY")
+  dst = str(tmp_path / "out")
+  r = run_cli(f"--src={sources[src_format]}", f"--dst={dst}", f"--dst_format={dst_format}")
+  assert r.returncode == 0, r.stderr
+  assert f"wrote {dst} ({dst_format}, from {src_format})" in r.stderr
+  assert _leftovers(dst) == ["out"]
+  got_config, got_params, got = _read_dst(dst, dst_format)
+  assert_bitwise(params, got_params)
+  assert got_config.to_dict() == {**config.to_dict(), "preset": got_config.preset}
+  if src_format != "official":  # the official layout carries no tokenizer
+    assert got.tokenizer == tok
+  if dst_format == "native":
+    md = got.metadata
+    assert md["provenance"]["converted_from"]["format"] == src_format
+    assert md["provenance"]["converted_from"]["path"] == os.path.abspath(sources[src_format])
+    assert got.template == {"name": "gemma"}  # saved one kept (native), else Gemma 2's (auto)
+    assert got.kind == ("it" if src_format == "native" else None)
+  else:
+    tc = json.load(open(os.path.join(dst, "tokenizer_config.json"))) if src_format != "official" else None
+    if tc is not None:
+      from gemma_jax.templates import HF_CHAT_TEMPLATES
+      want = HF_CHAT_TEMPLATES["gemma"]
+      assert tc["chat_template"] == want
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_to_native_to_hf_is_bitwise(model, tmp_path, dtype):
+  """HF -> ours -> HF gives back identical safetensors tensors, config and generation config."""
+  from gemma_jax.convert.hf import write_hf
+  from safetensors import safe_open
+  config, params, tok = model
+  src = str(tmp_path / "hf")
+  write_hf(src, config, params, tokenizer=tok, dtype=dtype, progress=False)
+  r = run_cli(f"--src={src}", f"--dst={tmp_path}/native", "--kind=pt", "--template=none")
+  assert r.returncode == 0, r.stderr
+  ck = checkpoint.load(tmp_path / "native")
+  assert ck.kind == "pt" and ck.template is None and ck.metadata["param_dtype"] == dtype
+  r = run_cli(f"--src={tmp_path}/native", f"--dst={tmp_path}/hf2", "--dst_format=hf")
+  assert r.returncode == 0, r.stderr
+
+  def tensors(d):
+    out = {}
+    for f in sorted(os.listdir(d)):
+      if f.endswith(".safetensors"):
+        with open(os.path.join(d, f), "rb") as fh:
+          n = int.from_bytes(fh.read(8), "little")
+          header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        out.update({k: (v["dtype"], v["shape"]) for k, v in header.items()})
+    return out
+
+  assert tensors(src) == tensors(tmp_path / "hf2")
+  assert open(os.path.join(src, "model.safetensors"), "rb").read() == \
+      open(tmp_path / "hf2" / "model.safetensors", "rb").read()
+  for f in ("config.json", "generation_config.json", "tokenizer.model"):
+    assert open(os.path.join(src, f), "rb").read() == open(tmp_path / "hf2" / f, "rb").read(), f
+
+
+def test_dtype_flag_and_overwrite(model, sources, tmp_path):
+  config, params, _ = model
+  dst = str(tmp_path / "out")
+  r = run_cli(f"--src={sources['hf']}", f"--dst={dst}", "--dtype=bfloat16", "--template=gemma3")
+  assert r.returncode == 0, r.stderr
+  ck = checkpoint.load(dst)
+  assert ck.metadata["param_dtype"] == "bfloat16" and ck.template == {"name": "gemma3"}
+  assert_bitwise(_np(params, ml_dtypes.bfloat16), _np(ck.params))
+  r = run_cli(f"--src={sources['hf']}", f"--dst={dst}")
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+      f"error: {dst} exists; delete it, choose another --dst, or pass --overwrite")
+  assert checkpoint.load(dst).metadata["param_dtype"] == "bfloat16"  # untouched
+  r = run_cli(f"--src={sources['hf']}", f"--dst={dst}", "--overwrite")
+  assert r.returncode == 0, r.stderr
+  assert checkpoint.load(dst).metadata["param_dtype"] == "float32" and _leftovers(dst) == ["out"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, nothing left at --dst
+
+
+def _hf_variant(src: str, dst: str, edit) -> str:
+  from safetensors.numpy import load_file, save_file
+  shutil.copytree(src, dst)
+  f = os.path.join(dst, "model.safetensors")
+  tensors = load_file(f)
+  edit(tensors, dst)
+  save_file(tensors, f, metadata={"format": "pt"})
+  return dst
+
+
+def _bad_inputs(sources, root, gguf_path):
+  hf = sources["hf"]
+  cases = {}
+  os.makedirs(f"{root}/notes")
+  open(f"{root}/notes/readme.txt", "w").write("hello")
+  cases["not_a_checkpoint"] = (f"{root}/notes", "not a checkpoint; expected a gemma_jax checkpoint directory")
+  cases["missing_path"] = (f"{root}/nothing_here", "nothing_here: no such file or directory")
+  cases["missing_tensor"] = (
+      _hf_variant(hf, f"{root}/missing", lambda t, d: t.pop("model.layers.1.mlp.down_proj.weight")),
+      "model.layers.1.mlp.down_proj.weight")
+  cases["extra_tensor"] = (
+      _hf_variant(hf, f"{root}/extra", lambda t, d: t.update({"model.layers.0.self_attn.rotary.weight":
+                                                               np.zeros(4, np.float32)})),
+      "model.layers.0.self_attn.rotary.weight")
+
+  def wrong_shape(t, d):
+    t["model.layers.2.self_attn.o_proj.weight"] = np.zeros((48, 32), np.float32)
+  cases["wrong_shape"] = (_hf_variant(hf, f"{root}/shape", wrong_shape), "model.layers.2.self_attn.o_proj.weight")
+
+  shutil.copytree(hf, f"{root}/cfgshape")
+  cfg = json.load(open(f"{root}/cfgshape/config.json"))
+  cfg["intermediate_size"] = cfg["intermediate_size"] * 2
+  json.dump(cfg, open(f"{root}/cfgshape/config.json", "w"))
+  cases["config_contradiction"] = (f"{root}/cfgshape", "mlp")
+
+  shutil.copytree(hf, f"{root}/trunc")
+  f = f"{root}/trunc/model.safetensors"
+  data = open(f, "rb").read()
+  open(f, "wb").write(data[:len(data) // 2])
+  cases["truncated_safetensors"] = (f"{root}/trunc", "trunc/model.safetensors")
+  shutil.copytree(hf, f"{root}/garbage")
+  open(f"{root}/garbage/model.safetensors", "wb").write(b"\xff" * 64)
+  cases["corrupt_safetensors"] = (f"{root}/garbage", "garbage/model.safetensors")
+
+  with open(gguf_path, "rb") as src, open(f"{root}/trunc.gguf", "wb") as dst:
+    dst.write(src.read(os.path.getsize(gguf_path) // 2))
+  cases["truncated_gguf"] = (f"{root}/trunc.gguf", "trunc.gguf")
+  with open(gguf_path, "rb") as src, open(f"{root}/header.gguf", "wb") as dst:
+    dst.write(src.read(3000))
+  cases["truncated_gguf_header"] = (f"{root}/header.gguf", "header.gguf")
+
+  os.makedirs(f"{root}/llama")
+  json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64},
+            open(f"{root}/llama/config.json", "w"))
+  shutil.copy(f"{hf}/model.safetensors", f"{root}/llama/model.safetensors")
+  cases["llama_dir"] = (f"{root}/llama", "unsupported architecture (LlamaForCausalLM")
+
+  os.makedirs(f"{root}/pickle")
+  shutil.copy(f"{hf}/config.json", f"{root}/pickle/config.json")
+  # A pickle whose unpickling would create a file: it must never be unpickled.
+  import pickle
+  class Boom:
+    def __reduce__(self):
+      return (open, (f"{root}/UNPICKLED", "w"))
+  open(f"{root}/pickle/pytorch_model.bin", "wb").write(pickle.dumps(Boom()))
+  cases["pickle_only_dir"] = (f"{root}/pickle", "pickle-based weights (pytorch_model.bin) are refused")
+  cases["pickle_file"] = (f"{root}/pickle/pytorch_model.bin", "are refused")
+  return cases
+
+
+@pytest.fixture(scope="module")
+def bad_results(sources, tmp_path_factory, real_gguf_path):
+  """Runs the CLI on every bad input at once (the runs are independent) and collects the results."""
+  root = str(tmp_path_factory.mktemp("bad"))
+  cases = _bad_inputs(sources, root, real_gguf_path)
+  procs = {}
+  for name, (src, _) in cases.items():
+    for dst_format in ("native", "hf") if name in BOTH_DST else ("native",):
+      dst = f"{root}/out_{name}_{dst_format}"
+      procs[name, dst_format] = (dst, subprocess.Popen(
+          _cli_args(f"--src={src}", f"--dst={dst}", f"--dst_format={dst_format}"), cwd=ROOT, env=_env(),
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  results = {}
+  for key, (dst, p) in procs.items():
+    out, err = p.communicate(timeout=600)
+    results[key] = (p.returncode, out, err, dst)
+  return cases, results, root
+
+
+BAD = ["not_a_checkpoint", "missing_path", "missing_tensor", "extra_tensor", "wrong_shape", "config_contradiction",
+       "truncated_safetensors", "corrupt_safetensors", "truncated_gguf", "truncated_gguf_header", "llama_dir",
+       "pickle_only_dir", "pickle_file"]
+
+
+BOTH_DST = ["missing_tensor", "truncated_safetensors", "truncated_gguf", "pickle_only_dir"]
+
+
+@pytest.mark.parametrize("case,dst_format", [(c, "native") for c in BAD] + [(c, "hf") for c in BOTH_DST])
+def test_bad_input(bad_results, case, dst_format):
+  """The reading fails before anything is written, whatever the destination format; both are run for some."""
+  cases, results, root = bad_results
+  rc, out, err, dst = results[case, dst_format]
+  lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip()]
+  assert rc == 1, err
+  assert "Traceback" not in err, err
+  assert sum(l.startswith("error: ") for l in lines) == 1, err
+  assert lines[-1].startswith("error: "), err
+  assert cases[case][1] in lines[-1], lines[-1]
+  assert out == ""
+  assert _leftovers(dst) == [], _leftovers(dst)
+  assert not os.path.exists(os.path.join(root, "UNPICKLED"))
+
+
+def test_usage_errors(tmp_path):
+  r = run_cli("--src=x")
+  assert r.returncode == 1 and r.stderr.strip().startswith("error: both --src=PATH and --dst=PATH are required")
+  r = run_cli(f"--src={tmp_path}", f"--dst={tmp_path}")
+  assert r.returncode == 1 and "are the same path" in r.stderr
+  r = run_cli(f"--src={tmp_path}", f"--dst={tmp_path}/o", "--dtype=int8")
+  assert r.returncode == 1 and r.stderr.strip() == "error: --dtype=int8: use one of float32, bfloat16, float16"
+
+
+def test_interrupt_leaves_nothing(sources, tmp_path):
+  """Ctrl-C while the destination is being written: exit 130, nothing at --dst."""
+  import signal
+  import time
+  dst = str(tmp_path / "out")
+  code = ("import time, orbax.checkpoint as ocp\n"
+          "real = ocp.PyTreeCheckpointer.save\n"
+          "def slow(self, *a, **k):\n"
+          "  real(self, *a, **k); open(%r, 'w').close(); time.sleep(60)\n"
+          "ocp.PyTreeCheckpointer.save = slow\n"
+          "import sys; sys.argv = ['convert', '--src=%s', '--dst=%s']\n"
+          "from absl import app; from gemma_jax.convert.__main__ import main; app.run(main)\n"
+          ) % (str(tmp_path / "written"), sources["hf"], dst)
+  p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not os.path.exists(tmp_path / "written") and time.time() < deadline and p.poll() is None:
+    time.sleep(0.2)
+  assert os.path.exists(tmp_path / "written"), p.communicate()[1]
+  assert [f for f in os.listdir(tmp_path) if f.startswith("out.tmp-")]  # it was mid-write
+  p.send_signal(signal.SIGINT)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 130, err
+  assert err.strip().splitlines()[-1] == f"error: interrupted; nothing was written to {dst}"
+  assert _leftovers(dst) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real Gemma 3 270M GGUF
+
+
+@pytest.mark.slow
+def test_real_gguf_to_native_and_hf(real_gguf_path, tmp_path):
+  r = run_cli(f"--src={real_gguf_path}", f"--dst={tmp_path}/native")
+  assert r.returncode == 0, r.stderr
+  ck = checkpoint.load(tmp_path / "native")
+  from gemma_jax.model import TransformerConfig
+  assert ck.config == TransformerConfig.gemma3_270m()
+  assert ck.kind == "pt" and ck.template == {"name": "gemma3"} and ck.metadata["num_params"] == 268_098_176
+  assert ck.tokenizer.encode("The capital of France is", add_bos=True) == [2, 818, 5279, 529, 7001, 563]
+  assert ck.metadata["provenance"]["converted_from"]["format"] == "gguf"
+  r = run_cli(f"--src={real_gguf_path}", f"--dst={tmp_path}/hf", "--dst_format=hf")
+  assert r.returncode == 0, r.stderr
+  from gemma_jax.convert.hf import read_hf
+  imp = read_hf(str(tmp_path / "hf"), progress=False)
+  assert imp.config.to_dict() == ck.config.to_dict()
+  assert_bitwise(_np(ck.params), imp.params)
+  gen = json.load(open(tmp_path / "hf" / "generation_config.json"))
+  assert gen["eos_token_id"] == [1, 106]
+  tc = json.load(open(tmp_path / "hf" / "tokenizer_config.json"))
+  assert "<start_of_turn>" in tc["chat_template"]
