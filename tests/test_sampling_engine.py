@@ -1,0 +1,208 @@
+"""The sampling engine on tiny models: cached decode == full forward, batching, buckets, stops, streaming."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from gemma_jax.model import Transformer, init_cache, init_params
+from gemma_jax.sampling import Sampler, SamplingParams
+from gemma_jax.sampling import engine
+from gemma_jax.sampling.streaming import IncrementalDecoder
+
+
+def _model(family="gemma3", seed=0, flatten=0.1, **overrides):
+  cfg = tiny_config(family, vocab_size=300, **overrides)
+  params = init_params(cfg, jax.random.key(seed))
+  # A random tied embedding makes each token predict itself with a huge margin; scaled down, the
+  # next-token distribution is spread out, so sampling and stopping have something to do.
+  params["embedder"]["input_embedding"] = params["embedder"]["input_embedding"] * flatten
+  return cfg, params
+
+
+# Every engine test below shares these shapes (batch 2, prompt chunks of 16, a 128-slot cache), so the
+# whole file compiles the prefill and the decode loop once per strategy.
+SAMPLE = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=11)
+
+
+@pytest.fixture(scope="module")
+def g3(tiny_tokenizer):
+  cfg, params = _model("gemma3")
+  return Sampler(cfg, params, tiny_tokenizer, prefill_chunk=16, min_cache=128)
+
+
+@pytest.fixture(scope="module")
+def full_logits(g3):
+  """Reference: one forward pass without a cache (right-padded to 128: causal, so padding changes nothing)."""
+  fwd = jax.jit(lambda p, x, m: Transformer(g3.config).apply({"params": p}, x, input_mask=m)[0])
+
+  def run(ids):
+    x = np.zeros((1, 128), np.int32)
+    x[0, :len(ids)] = ids
+    return np.asarray(fwd(g3.params, x, np.arange(128)[None] < len(ids))[0, :len(ids)])
+  return run
+
+
+def test_cached_decode_equals_full_forward_far_past_window():
+  """Step-by-step decode with the ring-buffer cache vs one full forward, 40+ tokens past a window of 6.
+
+  Gemma 2 (soft-caps, alternating local/global); Gemma 3 is checked through the jitted loop below.
+  """
+  cfg, params = _model("gemma2", seed=1, flatten=1.0)
+  rng = np.random.default_rng(0)
+  lengths = [9, 4]  # two rows, left-padded to 9, decoded in lockstep with their own positions
+  steps = 45
+  seqs = [rng.integers(4, 300, n + steps).tolist() for n in lengths]
+  t = max(lengths)
+  tokens = np.zeros((2, t), np.int32)
+  mask = np.zeros((2, t), bool)
+  pos = np.zeros((2, t), np.int32)
+  for i, n in enumerate(lengths):
+    tokens[i, t - n:], mask[i, t - n:], pos[i, t - n:] = seqs[i][:n], True, np.arange(n)
+  model = Transformer(cfg)
+  cache = init_cache(cfg, 2, 64)
+  step = jax.jit(lambda p, x, q, m, c: model.apply({"params": p}, x, positions=q, input_mask=m, cache=c))
+  logits, cache = step(params, tokens, pos, mask, cache)
+  got = [[np.asarray(logits[i, -1])] for i in range(2)]
+  for k in range(steps - 1):
+    x = np.array([[seqs[i][lengths[i] + k]] for i in range(2)], np.int32)
+    q = np.array([[lengths[i] + k] for i in range(2)], np.int32)
+    logits, cache = step(params, x, q, np.ones((2, 1), bool), cache)
+    for i in range(2):
+      got[i].append(np.asarray(logits[i, 0]))
+  assert cache["layer_0"]["k"].shape[1] == cfg.sliding_window_size  # ring buffer, not the full length
+  # reference: both rows in one batch, right-padded (causal attention: padding at the end changes nothing)
+  full = np.zeros((2, t + steps), np.int32)
+  for i, sq in enumerate(seqs):
+    full[i, :len(sq)] = sq
+  ref, _ = jax.jit(lambda p, x, m: model.apply({"params": p}, x, input_mask=m))(
+      params, full, np.arange(t + steps)[None] < np.array(lengths)[:, None] + steps)
+  for i, n in enumerate(lengths):
+    np.testing.assert_allclose(np.stack(got[i]), np.asarray(ref[i, n - 1:n - 1 + steps]), atol=1e-4, rtol=0)
+
+
+def test_greedy_loop_matches_full_forward_and_neighbours(g3, full_logits):
+  """The jitted loop (chunked prefill past the window, lockstep rows) gives the teacher-forced argmax and
+  its log-probs, and a row's output does not depend on the row beside it."""
+  rng = np.random.default_rng(1)
+  long = [2] + rng.integers(4, 300, 40).tolist()  # 3 chunks of 16, far past the window of 6
+  short, other = [2, 270, 271], [2] + rng.integers(4, 300, 12).tolist()
+  out = g3.generate([long, short], max_new_tokens=30, stop_ids=())
+  for p, c in zip([long, short], out):
+    assert c.stop_reason == "length" and len(c.tokens) == 30
+    pred = full_logits(p + c.tokens)[len(p) - 1:-1]
+    assert pred.argmax(-1).tolist() == c.tokens
+    logp = jax.nn.log_softmax(pred, -1)
+    np.testing.assert_allclose(c.logprobs, np.take_along_axis(logp, np.array(c.tokens)[:, None], 1)[:, 0],
+                               atol=1e-4)
+  assert len(set(out[0].tokens)) > 3
+  again = g3.generate([other, long], max_new_tokens=30, stop_ids=())
+  assert again[1].tokens == out[0].tokens
+
+
+def test_compilations_are_bucketed(g3):
+  """A new prompt length inside a bucket, a new max_new_tokens, new stop ids, a new temperature or top-p:
+  no retrace. A prompt past the chunk adds the chunk-extend function once, not a new prefill."""
+  import dataclasses
+  g3.generate([[2, 5, 6, 7, 8], [2, 9]], max_new_tokens=3, stop_ids=())  # warm up
+  g3.generate([[2, 5, 6, 7, 8], [2, 9]], max_new_tokens=3, sampling=SAMPLE)
+  before = dict(engine.TRACE_COUNTS)
+  g3.generate([[2, 5, 6, 7, 8, 9, 10, 11], [2, 3]], max_new_tokens=7, stop_ids=(1,))
+  g3.generate([[2, 5, 6], [2, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]], max_new_tokens=40, stop_ids=(1, 106))
+  g3.generate([[2, 5, 6, 7], [2]], max_new_tokens=20,
+              sampling=dataclasses.replace(SAMPLE, temperature=0.7, top_p=0.5, seed=3))
+  assert dict(engine.TRACE_COUNTS) == before
+  g3.generate([[2] + [5] * 40, [2, 3]], max_new_tokens=3, stop_ids=())  # 48 = 3 chunks of 16
+  g3.generate([[2] + [5] * 20, [2, 3]], max_new_tokens=3, stop_ids=())  # 32 = 2 chunks of 16
+  assert engine.TRACE_COUNTS["prefill"] == before["prefill"]
+  assert engine.TRACE_COUNTS["extend"] - before.get("extend", 0) <= 1
+
+
+def test_seed_reproducible(g3):
+  import dataclasses
+  a = g3.generate([[2, 270, 271], [2, 280]], max_new_tokens=20, sampling=SAMPLE, stop_ids=())
+  b = g3.generate([[2, 270, 271], [2, 280]], max_new_tokens=20, sampling=SAMPLE, stop_ids=())
+  c = g3.generate([[2, 270, 271], [2, 280]], max_new_tokens=20, sampling=dataclasses.replace(SAMPLE, seed=12),
+                  stop_ids=())
+  assert [x.tokens for x in a] == [x.tokens for x in b]
+  assert [x.tokens for x in a] != [x.tokens for x in c]
+  assert len(set(a[0].tokens)) > 3  # it really samples
+
+
+def test_per_row_stop_ids_and_early_exit(g3):
+  prompts = [[2, 270, 271], [2, 280, 281, 282]]
+  ref = g3.generate(prompts, max_new_tokens=20, stop_ids=())
+  # stop row 0 at its 5th token (a token not generated earlier in row 0)
+  k = next(i for i in range(3, 20) if ref[0].tokens[i] not in ref[0].tokens[:i])
+  stop_tok = ref[0].tokens[k]
+  out = g3.generate(prompts, max_new_tokens=20, stop_ids=(stop_tok,))
+  assert out[0].tokens == ref[0].tokens[:k] and out[0].stop_reason == "stop_id" and out[0].stop_id == stop_tok
+  assert out[0].text == g3.tokenizer.decode(ref[0].tokens[:k])
+  cut1 = ref[1].tokens.index(stop_tok) if stop_tok in ref[1].tokens else 20
+  assert out[1].tokens == ref[1].tokens[:cut1]
+  # both rows stopping early ends the loop early
+  both = sorted({ref[0].tokens[k], ref[1].tokens[3]})
+  out = g3.generate(prompts, max_new_tokens=20, stop_ids=both)
+  assert all(c.stop_reason == "stop_id" for c in out)
+  assert g3.last_timing["decode_steps"] < 19
+
+
+def test_stop_strings_cut_text(g3):
+  prompts = [[2, 270, 271], [2, 280, 281, 282]]
+  ref = g3.generate(prompts, max_new_tokens=24, stop_ids=())
+  text = ref[0].text
+  stop = text[6:9]
+  j = text.find(stop)
+  out = g3.generate(prompts, max_new_tokens=24, stop_ids=(), stop_strings=[stop])
+  assert out[0].text == text[:j] and out[0].stop_reason == "stop_string"
+  assert stop in g3.tokenizer.decode(out[0].tokens) and stop not in g3.tokenizer.decode(out[0].tokens[:-1])
+  if stop not in ref[1].text:
+    assert out[1].text == ref[1].text and out[1].stop_reason == "length"
+
+
+def test_streaming_deltas_join_to_the_text(g3):
+  sp = SamplingParams(temperature=1.5, top_k=50, top_p=0.95, seed=5)
+  got = {0: [], 1: []}
+  out = g3.generate([[2, 296], [2, 297, 298]], max_new_tokens=40, sampling=sp, stop_ids=(),
+                    on_text=lambda i, d: got[i].append(d))
+  for i in range(2):
+    assert "".join(got[i]) == out[i].text
+    assert len(got[i]) > 1
+
+
+def test_incremental_decoder_never_splits_a_character(tiny_tokenizer):
+  text = "東京 日本語 漢字 café über"
+  ids = tiny_tokenizer.encode(text)
+  pieces = [tiny_tokenizer.id_to_piece(i) for i in ids]
+  assert sum(p.startswith("<0x") for p in pieces) >= 6  # byte fallback splits 語, 漢, 字
+  dec = IncrementalDecoder(tiny_tokenizer)
+  deltas = [dec.push([i]) for i in ids] + [dec.flush()]
+  assert "".join(deltas) == text
+  assert not any("\ufffd" in d for d in deltas)
+  assert "漢" in deltas  # the three byte pieces come out together, as one character
+
+
+def test_context_limit_is_a_user_error(g3):
+  from gemma_jax.errors import UserError
+  with pytest.raises(UserError, match="context"):
+    g3.generate([[2, 5], [2]], max_new_tokens=10_000)
+
+
+def test_sharded_sampling_equals_unsharded(g3, tiny_tokenizer):
+  """Params, batch and cache on a mesh of 8 simulated devices: the same tokens and log-probs."""
+  from gemma_jax.model import ShardingContext, make_mesh
+  assert jax.device_count() == 8
+  prompts = [[2, 270, 271], [2] + list(range(10, 40))]
+  ctx = ShardingContext(make_mesh("data:2,fsdp:2,tensor:2"))
+  sharded = Sampler(g3.config, g3.params, tiny_tokenizer, sharding=ctx, prefill_chunk=16, min_cache=128)
+  a = g3.generate(prompts, max_new_tokens=12, sampling=SAMPLE, stop_ids=())
+  b = sharded.generate(prompts, max_new_tokens=12, sampling=SAMPLE, stop_ids=())
+  assert [x.tokens for x in a] == [x.tokens for x in b]
+  np.testing.assert_allclose([x.logprobs for x in a], [x.logprobs for x in b], atol=1e-4)
+  k = sharded.final_state.cache["layer_5"]["k"]  # the global layer: [B, S, K, H], batch over data, K over tensor
+  assert k.sharding.spec[0] == "data" and k.sharding.spec[2] == "tensor"
+  emb = sharded.params["embedder"]["input_embedding"]
+  assert len(emb.sharding.device_set) == 8 and not emb.sharding.is_fully_replicated
