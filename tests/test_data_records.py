@@ -1,0 +1,118 @@
+"""Reading records: JSONL, JSON, Parquet, HF save_to_disk directories; locations and unreadable records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gemma_jax.data.records import Invalid, Record, read_records
+from gemma_jax.errors import DataError
+
+HFREF_PYTHON = "/opt/hfref/bin/python"
+ROWS = [{"prompt": "p1", "chosen": "c1", "rejected": "r1", "score": 1.5},
+        {"prompt": "p2 café 東京", "chosen": "c2", "rejected": "r2", "score": 2.0}]
+
+
+def read(path):
+  out = list(read_records(path))
+  return [(r.where, r.data) if isinstance(r, Record) else (r.where, "INVALID: " + r.message) for r in out]
+
+
+def test_jsonl_locations_and_bad_lines(tmp_path):
+  p = tmp_path / "d.jsonl"
+  p.write_bytes(json.dumps(ROWS[0]).encode() + b"\n\n" + b'{"prompt": "broken"\n' + b'{"prompt": "caf\xe9"}\n'
+                + b"[1, 2]\n" + json.dumps(ROWS[1], ensure_ascii=False).encode() + b"\n"
+                + b'{"prompt": "lone \\ud800 surrogate"}\n')
+  got = read(p)
+  assert got[0] == (f"{p}:1", ROWS[0])  # line 2 is blank: skipped
+  assert got[1][0] == f"{p}:3" and "broken JSON" in got[1][1] and "column 20" in got[1][1]
+  assert got[2] == (f"{p}:4", "INVALID: not valid UTF-8 (byte 0xe9 at column 16)")
+  assert got[3] == (f"{p}:5", "INVALID: expected a JSON object, got a list")
+  assert got[4] == (f"{p}:6", ROWS[1])
+  assert got[5][0] == f"{p}:7" and "'prompt' is not valid UTF-8" in got[5][1]
+  assert len(got) == 6
+
+
+def test_json_array_line_numbers_and_bad_bytes(tmp_path):
+  p = tmp_path / "d.json"
+  body = json.dumps(ROWS, indent=2, ensure_ascii=False).encode()
+  body = body.replace("p2 café".encode(), b"p2 caf\xe9")  # a Latin-1 byte inside the second record
+  p.write_bytes(body)
+  got = read(p)
+  assert got[0] == (f"{p}:2", ROWS[0])
+  assert got[1][0] == f"{p}:8" and "field 'prompt' is not valid UTF-8" in got[1][1]
+
+
+def test_json_array_broken_midway_stops_with_line(tmp_path):
+  p = tmp_path / "d.json"
+  p.write_text('[\n {"a": 1},\n {"a": 2,,}\n]')
+  with pytest.raises(DataError, match=rf"{p}:3: broken JSON"):
+    read(p)
+
+
+def test_json_that_is_json_lines(tmp_path):
+  p = tmp_path / "d.json"  # what datasets' to_json writes
+  p.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+  assert read(p) == [(f"{p}:1", ROWS[0]), (f"{p}:2", ROWS[1])]
+
+
+def test_parquet_rows(tmp_path):
+  p = tmp_path / "d.parquet"
+  pq.write_table(pa.Table.from_pylist(ROWS + [{"prompt": "p3", "chosen": None, "rejected": "r", "score": 0.0}]), p)
+  got = read(p)
+  assert got[:2] == [(f"{p}:1", ROWS[0]), (f"{p}:2", ROWS[1])]
+  assert got[2] == (f"{p}:3", {"prompt": "p3", "chosen": None, "rejected": "r", "score": 0.0})
+
+
+def test_arrow_directory_without_datasets(tmp_path):
+  d = tmp_path / "ds"
+  d.mkdir()
+  table = pa.Table.from_pylist(ROWS)
+  with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+    w.write_table(table)
+  (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+  assert read(d) == [(f"{d}:1", ROWS[0]), (f"{d}:2", ROWS[1])]
+  (tmp_path / "notds").mkdir()
+  with pytest.raises(DataError, match="save_to_disk"):
+    read(tmp_path / "notds")
+
+
+def _has_datasets() -> bool:
+  if not os.path.exists(HFREF_PYTHON):
+    return False
+  return subprocess.run([HFREF_PYTHON, "-c", "import datasets"], capture_output=True).returncode == 0
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(not _has_datasets(), reason="needs HF datasets (the /opt/hfref reference venv)")
+def test_hf_save_to_disk(tmp_path):
+  script = ("import datasets, json, sys\n"
+            "rows = json.loads(sys.argv[2])\n"
+            "ds = datasets.Dataset.from_list(rows)\n"
+            "ds.save_to_disk(sys.argv[1] + '/single')\n"
+            "datasets.DatasetDict({'train_prefs': ds, 'test_prefs': ds.select([1])}).save_to_disk(sys.argv[1] + '/dd')\n")
+  subprocess.run([HFREF_PYTHON, "-c", script, str(tmp_path), json.dumps(ROWS)], check=True, capture_output=True)
+  assert [r for _, r in read(tmp_path / "single")] == ROWS
+  with pytest.raises(DataError, match="DatasetDict with splits .*train_prefs"):
+    read(tmp_path / "dd")
+  assert [r for _, r in read(tmp_path / "dd" / "test_prefs")] == ROWS[1:]
+
+
+def test_missing_and_unknown_files(tmp_path):
+  with pytest.raises(DataError, match="no such file"):
+    read(tmp_path / "nope.jsonl")
+  (tmp_path / "d.csv").write_text("a,b\n")
+  with pytest.raises(DataError, match="unknown data format"):
+    read(tmp_path / "d.csv")
+  (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+  with pytest.raises(DataError, match="Parquet"):
+    read(tmp_path / "bad.parquet")
+
+
+def test_invalid_is_one_line():
+  assert str(Invalid("f.jsonl:3", "missing field 'chosen'")) == "f.jsonl:3: missing field 'chosen'"
