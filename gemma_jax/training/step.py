@@ -1,0 +1,111 @@
+"""The jitted train and eval steps: one program over the mesh, explicit shardings, donated state.
+
+Batches enter the step as a dict of arrays shaped `[A, G, b, T]` (A microbatches for gradient accumulation;
+G = 2 for preference data, chosen then rejected, G = 1 otherwise; b examples per microbatch, sharded over the
+mesh's data and fsdp axes). Inside, each microbatch is merged to the `[R = G * b, T]` rows every loss reads
+(chosen rows first, then rejected). Keeping the pair axis apart until then is what lets each host contribute
+its own pairs to a global batch (see `loop.global_batch`).
+
+`loss_fn(params, batch, aux) -> (loss, metrics)`: batch holds `[R, T]` arrays; aux is an extra input the loss
+reads but does not differentiate (frozen reference params for DPO, or None).
+
+A step whose loss or gradients are not finite leaves params and optimizer state untouched (the step and
+data still advance) and counts itself in `nonfinite_run` / `nonfinite_total`; the loop decides when to stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gemma_jax.training.state import TrainState
+
+LossFn = Callable[[Any, dict[str, jax.Array], Any], tuple[jax.Array, dict[str, jax.Array]]]
+BATCH_AXES = ("data", "fsdp")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of `[A, G, b, ...]` batch arrays: examples over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(None, None, BATCH_AXES))
+
+
+def rows_per_shard(mesh: Mesh) -> int:
+  """How many ways the example axis is split: b must be a multiple of this."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def merge_pairs(mb: dict[str, jax.Array], mesh: Mesh | None) -> dict[str, jax.Array]:
+  """[G, b, ...] -> [G * b, ...] (chosen rows, then rejected), rows sharded over data x fsdp."""
+  def merge(x):
+    x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    if mesh is not None:
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+    return x
+  return {k: merge(v) for k, v in mb.items()}
+
+
+def _tree_select(ok: jax.Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], aux: Any, *, loss_fn: LossFn,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step over `A` microbatches (mean of their losses and gradients). Not jitted: see `jit_train_step`."""
+  grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(p, merge_pairs(mb, mesh), aux), has_aux=True)
+  num_micro = jax.tree.leaves(batch)[0].shape[0]
+  if num_micro == 1:
+    (loss, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
+  else:
+    def body(acc, mb):
+      (loss, metrics), grads = grad_fn(state.params, mb)
+      return jax.tree.map(jnp.add, acc, grads), (loss, metrics)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (losses, metrics) = jax.lax.scan(body, zeros, batch)
+    grads = jax.tree.map(lambda g: g / num_micro, grads)
+    loss = jnp.mean(losses)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  applied = state.step - state.nonfinite_total  # updates done so far = the optimizer's count
+  run = jnp.where(ok, 0, state.nonfinite_run + 1)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=_tree_select(ok, new_params, state.params),
+      opt_state=_tree_select(ok, new_opt, state.opt_state),
+      rng=jax.random.key_data(jax.random.split(state.key)[0]),
+      nonfinite_run=run.astype(jnp.int32),
+      nonfinite_total=(state.nonfinite_total + (~ok)).astype(jnp.int32))
+  out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(applied), "nonfinite": (~ok).astype(jnp.int32),
+         "nonfinite_run": new_state.nonfinite_run, **metrics}
+  return new_state, out
+
+
+def jit_train_step(*, loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                   mesh: Mesh, state_shardings: TrainState, aux_shardings: Any = None, donate: bool = True):
+  """`step(state, batch, aux) -> (state, metrics)` jitted over the mesh; the state's buffers are donated."""
+  replicated = NamedSharding(mesh, P())
+  fn = lambda s, b, a: train_step(s, b, a, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, mesh=mesh)
+  return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh), aux_shardings),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], aux: Any, *, loss_fn: LossFn,
+              mesh: Mesh | None = None) -> dict[str, jax.Array]:
+  """Loss and metrics of one `[1, G, b, T]` batch, without gradients."""
+  loss, metrics = loss_fn(params, merge_pairs(jax.tree.map(lambda x: x[0], batch), mesh), aux)
+  return {"loss": loss, **metrics}
+
+
+def jit_eval_step(*, loss_fn: LossFn, mesh: Mesh, param_shardings: Any, aux_shardings: Any = None):
+  replicated = NamedSharding(mesh, P())
+  fn = lambda p, b, a: eval_step(p, b, a, loss_fn=loss_fn, mesh=mesh)
+  return jax.jit(fn, in_shardings=(param_shardings, batch_sharding(mesh), aux_shardings),
+                 out_shardings=replicated)
