@@ -29,7 +29,7 @@ def reference_logps(params, batch: dict[str, jax.Array], *, model, config=None, 
   Jit it and map it over the dataset once to store `reference_logps` with each batch, or let `dpo_loss` call
   it with frozen `reference_params`.
   """
-  mask = batch["input_mask"].astype(bool)
+  mask = jnp.asarray(batch["input_mask"]).astype(bool)
   out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=jnp.zeros(mask.shape, bool),
                        chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes)
   return jax.lax.stop_gradient(response_logps(out.logprobs, batch["target_mask"]))
@@ -61,7 +61,7 @@ def dpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: f
   response log-probs); logits/chosen, logits/rejected (as TRL's DPOTrainer: the vocabulary-mean logit at each
   position predicting a response token, averaged over those positions).
   """
-  mask = batch["input_mask"].astype(bool)
+  mask = jnp.asarray(batch["input_mask"]).astype(bool)
   targets = batch["target_mask"].astype(bool) & mask
   predicting = jnp.concatenate([targets[:, 1:], jnp.zeros_like(targets[:, :1])], axis=1)  # logits at t - 1
   out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=predicting,

@@ -191,7 +191,7 @@ def model_logprobs(params, batch: dict[str, jax.Array], *, model, config: Transf
   batch: tokens [R, T] int32, input_mask [R, T] bool; optional positions, segment_ids [R, T] (packing).
   """
   config = config or model.config
-  tokens, mask = batch["tokens"], batch["input_mask"].astype(bool)
+  tokens, mask = batch["tokens"], jnp.asarray(batch["input_mask"]).astype(bool)
   positions = batch.get("positions")
   if positions is None:
     positions = fill_positions(mask)

@@ -76,7 +76,7 @@ def orpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: 
     HF) attends uniformly over every slot, so the metric drifts slightly. Loss and gradients never depend on
     padding.
   """
-  mask = batch["input_mask"].astype(bool)
+  mask = jnp.asarray(batch["input_mask"]).astype(bool)
   r = mask.shape[0]
   b = r // 2
   logit_mask, positions = trl_logit_mask(mask)

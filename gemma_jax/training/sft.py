@@ -23,7 +23,7 @@ def sft_loss(params, batch: dict[str, jax.Array], *, model, config=None, chunk_s
     logits at t - 1; target_mask[:, 0] is False); optional segment_ids and positions [R, T] for packed rows.
   Returns (loss, {"nll_loss", "target_tokens"}).
   """
-  mask = batch["input_mask"].astype(bool)
+  mask = jnp.asarray(batch["input_mask"]).astype(bool)
   out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=jnp.zeros(mask.shape, bool),
                        chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits)
   sums, counts = masked_sums(out.logprobs, batch["target_mask"].astype(bool) & mask)

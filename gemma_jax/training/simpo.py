@@ -33,7 +33,7 @@ def simpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta:
   Metrics: rewards/{chosen,rejected,accuracies,margins} (rewards = beta * a), logps/chosen, logps/rejected
   (means of a_w, a_l), logits/chosen, logits/rejected (TRL's all-positions mean, see `orpo.orpo_loss`).
   """
-  mask = batch["input_mask"].astype(bool)
+  mask = jnp.asarray(batch["input_mask"]).astype(bool)
   logit_mask, positions = trl_logit_mask(mask)
   out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=logit_mask,
                        chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits)
