@@ -400,24 +400,89 @@ def test_config_hf_cannot_express_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The exported directory loads in transformers (runs where transformers is installed)
+# The exported directory loads in transformers. In-process where transformers is installed next to jax;
+# otherwise through a separate interpreter named by GEMMA_JAX_HF_PYTHON (e.g. /opt/hfref/bin/python, a venv
+# with torch + transformers). Both skip cleanly when neither is available.
 
-@pytest.mark.parametrize("name", NAMES)
-def test_export_loads_in_transformers(name, tmp_path, tiny_tokenizer):
-  transformers = pytest.importorskip("transformers")
-  torch = pytest.importorskip("torch")
-  import jax
-  from gemma_jax.model.transformer import Transformer
-  imp = read_hf(os.path.join(FIXTURES, name), progress=False)
-  out = tmp_path / "o"
-  write_hf(str(out), imp.config, imp.params, tokenizer=tiny_tokenizer, chat_template="{{ bos_token }}",
-           progress=False)
-  model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
-                                                            attn_implementation="eager")
-  tokens = np.load(os.path.join(FIXTURES, name, "inputs.npz"))["tokens"]
+_HF_SIDE = r"""
+import json, sys, numpy as np, torch, transformers
+facts = []
+for d, tokens_path, text in json.loads(sys.argv[1]):
+  model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
+  tokens = np.load(tokens_path)
   with torch.no_grad():
-    theirs = model(torch.from_numpy(tokens)).logits.numpy()
-  ours, _ = Transformer(imp.config).apply({"params": imp.params}, tokens.astype(np.int32))
-  assert np.abs(np.asarray(ours) - theirs).max() < 1e-4
-  tok = transformers.AutoTokenizer.from_pretrained(str(out))
-  assert tok("hello world")["input_ids"] == tiny_tokenizer.encode("hello world", add_bos=True)
+    logits = model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  np.save(tokens_path + ".hf.npy", logits)
+  tok = transformers.AutoTokenizer.from_pretrained(d)
+  gen = transformers.GenerationConfig.from_pretrained(d)
+  facts.append({"ids": tok(text)["input_ids"], "eos": gen.eos_token_id, "cls": type(model).__name__,
+                "template": tok.chat_template})
+print(json.dumps(facts))
+"""
+
+
+def _hf_side(jobs: list[tuple[str, np.ndarray, str]], tmp_path) -> list[tuple[np.ndarray, dict]]:
+  """Loads each (dir, tokens, text) with transformers, in-process or via GEMMA_JAX_HF_PYTHON, in one
+  interpreter: [(logits, facts)]."""
+  import subprocess
+  import sys
+  try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    python = sys.executable
+  except ImportError:
+    python = os.environ.get("GEMMA_JAX_HF_PYTHON")
+    if not python:
+      pytest.skip("transformers is not installed (set GEMMA_JAX_HF_PYTHON to a python that has it)")
+  args = []
+  for i, (d, tokens, text) in enumerate(jobs):
+    path = str(tmp_path / f"tokens{i}.npy")
+    np.save(path, tokens)
+    args.append((str(d), path, text))
+  r = subprocess.run([python, "-c", _HF_SIDE, json.dumps(args)], capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  facts = json.loads(r.stdout.strip().splitlines()[-1])
+  return [(np.load(a[1] + ".hf.npy"), f) for a, f in zip(args, facts)]
+
+
+def test_export_loads_in_transformers(tmp_path, tiny_tokenizer):
+  from gemma_jax.model.transformer import Transformer
+  template = "{{ bos_token }}{{ messages[0]['content'] }}"
+  text = "hello world, café <start_of_turn>user"
+  jobs, models = [], []
+  for name in NAMES:
+    imp = read_hf(os.path.join(FIXTURES, name), progress=False)
+    out = tmp_path / name
+    write_hf(str(out), imp.config, imp.params, tokenizer=tiny_tokenizer, chat_template=template, progress=False)
+    tokens = np.load(os.path.join(FIXTURES, name, "inputs.npz"))["tokens"].astype(np.int32)
+    jobs.append((out, tokens, text))
+    models.append(imp)
+  for name, imp, (_, tokens, _), (theirs, facts) in zip(NAMES, models, jobs, _hf_side(jobs, tmp_path)):
+    ours, _ = Transformer(imp.config).apply({"params": imp.params}, tokens)
+    err = np.abs(np.asarray(ours) - theirs).max()
+    print(f"{name}: exported dir in transformers ({facts['cls']}) vs ours: max |diff| = {err:.2e}")
+    assert err < 1e-4
+    assert facts["ids"] == tiny_tokenizer.encode(text, add_bos=True)
+    assert facts["eos"] == [tiny_tokenizer.special.eos, tiny_tokenizer.special.end_of_turn]
+    assert facts["template"] == template
+
+
+def test_real_270m_export_loads_in_transformers(tmp_path, real_gguf_path):
+  """GGUF -> ours -> HF dir; transformers' logits on it match ours and the HF-from-GGUF fixture."""
+  from gemma_jax.convert.gguf import read_gguf
+  from gemma_jax.model.transformer import Transformer
+  imp = read_gguf(real_gguf_path, progress=False)
+  out = tmp_path / "real"
+  write_hf(str(out), imp.config, imp.params, tokenizer=imp.tokenizer, chat_template=imp.chat_template,
+           progress=False)
+  ref = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "real_270m", "logits.npz"))
+  tokens = ref["p0_ids"][None].astype(np.int32)
+  [(theirs, facts)] = _hf_side([(out, tokens, "The capital of France is")], tmp_path)
+  ours, _ = Transformer(imp.config).apply({"params": imp.params}, tokens)
+  err = np.abs(np.asarray(ours)[0] - theirs[0]).max()
+  fixture_err = np.abs(np.take_along_axis(theirs[0], ref["p0_top_ids"], -1) - ref["p0_top_vals"]).max()
+  print(f"real 270M exported: transformers vs ours max |diff| = {err:.2e}; vs HF-from-GGUF fixture "
+        f"{fixture_err:.2e}")
+  assert err < 1e-4 and fixture_err < 1e-4
+  assert facts["ids"] == [2, 818, 5279, 529, 7001, 563]
+  assert facts["eos"] == [1, 106]
