@@ -232,6 +232,9 @@ HUB_GEMMA2_9B = {  # google/gemma-2-9b config.json
     "num_attention_heads": 16, "num_hidden_layers": 42, "num_key_value_heads": 8, "pad_token_id": 0,
     "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
     "torch_dtype": "float32", "vocab_size": 256000}
+HUB_GEMMA2_2B_OLD = dict(HUB_GEMMA2_9B, hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+                         num_hidden_layers=26, num_key_value_heads=4, sliding_window=None,
+                         sliding_window_size=4096, final_logit_softcapping=None)  # older key; cap explicitly off
 HUB_GEMMA1_2B = {  # google/gemma-2b config.json ("gelu" means the tanh approximation here)
     "architectures": ["GemmaForCausalLM"], "bos_token_id": 2, "eos_token_id": 1, "head_dim": 256,
     "hidden_act": "gelu", "hidden_size": 2048, "intermediate_size": 16384, "max_position_embeddings": 8192,
@@ -249,6 +252,11 @@ def test_hub_legacy_configs_map_to_presets(hub, preset, rows):
   ref = TransformerConfig.from_preset(preset)
   assert c.preset == preset and c.vocab_size == rows
   assert c.replace(vocab_size=ref.vocab_size, max_seq_len=ref.max_seq_len) == ref
+
+
+def test_older_gemma2_keys():
+  c = config_from_hf(HUB_GEMMA2_2B_OLD)
+  assert c.sliding_window_size == 4096 and c.final_logit_soft_cap is None and c.attn_logits_soft_cap == 50.0
 
 
 def test_new_style_config_equals_legacy():
@@ -390,6 +398,15 @@ def test_write_leaves_nothing_partial(tmp_path):
     write_hf(str(tmp_path / "taken"), imp.config, imp.params, progress=False)
   one_line_error(e, "taken", "already exists")
   assert os.listdir(tmp_path / "taken") == ["x"]
+
+
+def test_write_checks_parameter_shapes(tmp_path):
+  imp = read_hf(os.path.join(FIXTURES, "gemma3"), progress=False)
+  imp.params["layer_2"]["mlp"]["linear"] = imp.params["layer_2"]["mlp"]["linear"][:, :-1]
+  with pytest.raises(CheckpointError) as e:
+    write_hf(str(tmp_path / "out"), imp.config, imp.params, progress=False)
+  one_line_error(e, "layer_2/mlp/linear", "[64, 31]", "[64, 32]")
+  assert os.listdir(tmp_path) == []
 
 
 def test_config_hf_cannot_express_is_refused():

@@ -128,7 +128,7 @@ def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> Trans
     raise CheckpointError(f"{source}: tie_word_embeddings=false is not supported (Gemma ties the output head)")
 
   num_layers = int(c["num_hidden_layers"])
-  window = c.get("sliding_window", c.get("sliding_window_size"))
+  window = cfg.get("sliding_window") or cfg.get("sliding_window_size") or c.get("sliding_window")
   # Layer types: transformers >= 5 lists them; legacy configs give a pattern (G3) or imply one (G2: even = local).
   if c.get("layer_types"):
     names = list(c["layer_types"])
@@ -472,6 +472,7 @@ def params_to_hf(config: TransformerConfig, params: Mapping[str, Any], *, prefix
                  vocab_rows: int | None = None, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, array) one tensor at a time, in `name_map` order. vocab_rows: rows of the exported
   embedding (trim or zero-pad); dtype: cast (None keeps the params' dtype)."""
+  shapes = hf_shapes(config)
   for path, hf_names, kind in name_map(config):
     node = params
     try:
@@ -482,6 +483,11 @@ def params_to_hf(config: TransformerConfig, params: Mapping[str, Any], *, prefix
     w = np.asarray(node)
     if path == ("embedder", "input_embedding") and vocab_rows is not None:
       w = _pad_rows(w, vocab_rows)
+    if path != ("embedder", "input_embedding") or vocab_rows is None:
+      want = _to_ours(config, kind, [np.empty(shapes[n], np.int8) for n in hf_names]).shape
+      if w.shape != want:
+        raise CheckpointError(f"parameter {'/'.join(path)} has shape {list(w.shape)}, the config implies "
+                              f"{list(want)}")
     for n, t in zip(hf_names, _to_hf(config, kind, w)):
       if dtype is not None:
         t = t.astype(dtype, copy=False)
@@ -703,7 +709,10 @@ def write_hf(path: str, config: TransformerConfig, params: Mapping[str, Any], to
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise CheckpointError(f"{path}: already exists; choose a new output directory")
   rows = hf_vocab_rows(config) if vocab_rows is None else int(vocab_rows)
-  first = params["embedder"]["input_embedding"]
+  try:
+    first = params["embedder"]["input_embedding"]
+  except (KeyError, TypeError):
+    raise CheckpointError("parameter embedder/input_embedding is missing from the model") from None
   dt = np.dtype(dtype) if dtype is not None else np.dtype(first.dtype)
   if dt not in _ST_CODES:
     raise CheckpointError(f"cannot write dtype {dt} to safetensors")
