@@ -206,3 +206,14 @@ def test_sharded_sampling_equals_unsharded(g3, tiny_tokenizer):
   assert k.sharding.spec[0] == "data" and k.sharding.spec[2] == "tensor"
   emb = sharded.params["embedder"]["input_embedding"]
   assert len(emb.sharding.device_set) == 8 and not emb.sharding.is_fully_replicated
+
+
+def test_penalties_in_the_loop(g3):
+  """Huge repetition + presence penalties under greedy: no token of the prompt or of the output repeats."""
+  prompts = [[2, 270, 271, 272], [2, 280, 281]]
+  plain = g3.generate(prompts, max_new_tokens=20, stop_ids=())
+  assert any(len(set(c.tokens)) < 20 for c in plain)  # without penalties this model repeats itself
+  p = SamplingParams(temperature=0, repetition_penalty=1e6, presence_penalty=1e6)
+  out = g3.generate(prompts, max_new_tokens=20, sampling=p, stop_ids=())
+  for prompt, c in zip(prompts, out):
+    assert len(set(c.tokens)) == 20 and not set(c.tokens) & set(prompt)
