@@ -153,10 +153,11 @@ def test_tokenizer_template_and_generation_config(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize("family,official,hf_rows", [("gemma2", 256128, 256000), ("gemma3", 262208, 262144)])
 def test_embedding_rows_both_directions(family, official, hf_rows, tmp_path):
   import jax
-  from gemma_jax.model.params import init_params
+  from gemma_jax.model.params import param_shapes
   config = tiny_config(family, vocab_size=official, embed_dim=8, hidden_dim=16, num_heads=2, num_kv_heads=1,
                        head_dim=8, num_layers=2 if family == "gemma2" else 6)
-  params = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), param_shapes(config))
   out = tmp_path / "o"
   write_hf(str(out), config, params, progress=False)
   assert json.load(open(out / "config.json"))["vocab_size"] == hf_rows
@@ -438,19 +439,25 @@ print(json.dumps(facts))
 """
 
 
-def _hf_side(jobs: list[tuple[str, np.ndarray, str]], tmp_path) -> list[tuple[np.ndarray, dict]]:
-  """Loads each (dir, tokens, text) with transformers, in-process or via GEMMA_JAX_HF_PYTHON, in one
-  interpreter: [(logits, facts)]."""
-  import subprocess
+def _hf_python() -> str:
+  """A python interpreter with torch + transformers, or skip."""
   import sys
   try:
     import torch  # noqa: F401
     import transformers  # noqa: F401
-    python = sys.executable
+    return sys.executable
   except ImportError:
     python = os.environ.get("GEMMA_JAX_HF_PYTHON")
     if not python:
       pytest.skip("transformers is not installed (set GEMMA_JAX_HF_PYTHON to a python that has it)")
+    return python
+
+
+def _hf_side(jobs: list[tuple[str, np.ndarray, str]], tmp_path) -> list[tuple[np.ndarray, dict]]:
+  """Loads each (dir, tokens, text) with transformers, in-process or via GEMMA_JAX_HF_PYTHON, in one
+  interpreter: [(logits, facts)]."""
+  import subprocess
+  python = _hf_python()
   args = []
   for i, (d, tokens, text) in enumerate(jobs):
     path = str(tmp_path / f"tokens{i}.npy")
@@ -464,6 +471,7 @@ def _hf_side(jobs: list[tuple[str, np.ndarray, str]], tmp_path) -> list[tuple[np
 
 def test_export_loads_in_transformers(tmp_path, tiny_tokenizer):
   from gemma_jax.model.transformer import Transformer
+  _hf_python()
   template = "{{ bos_token }}{{ messages[0]['content'] }}"
   text = "hello world, café <start_of_turn>user"
   jobs, models = [], []
@@ -488,6 +496,7 @@ def test_real_270m_export_loads_in_transformers(tmp_path, real_gguf_path):
   """GGUF -> ours -> HF dir; transformers' logits on it match ours and the HF-from-GGUF fixture."""
   from gemma_jax.convert.gguf import read_gguf
   from gemma_jax.model.transformer import Transformer
+  _hf_python()
   imp = read_gguf(real_gguf_path, progress=False)
   out = tmp_path / "real"
   write_hf(str(out), imp.config, imp.params, tokenizer=imp.tokenizer, chat_template=imp.chat_template,
