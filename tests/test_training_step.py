@@ -21,7 +21,7 @@ B, T = 8, 12  # pairs per microbatch, tokens per row
 
 
 def pref_batch(rng, pairs=B, t=T, vocab=128):
-  """A preference microbatch [G=2, b, T]: prompt of 3-5 tokens, responses of 2-6, right padding."""
+  """A preference microbatch [2B, T] (chosen rows, then rejected): prompts of 3-5 tokens, right padding."""
   tokens = rng.integers(4, vocab, (2, pairs, t)).astype(np.int32)
   input_mask = np.zeros((2, pairs, t), bool)
   target_mask = np.zeros((2, pairs, t), bool)
@@ -36,7 +36,8 @@ def pref_batch(rng, pairs=B, t=T, vocab=128):
   nll_mask = input_mask.copy()
   nll_mask[:, :, 0] = False
   nll_mask[1] = False
-  return {"tokens": tokens, "input_mask": input_mask, "target_mask": target_mask, "nll_mask": nll_mask}
+  batch = {"tokens": tokens, "input_mask": input_mask, "target_mask": target_mask, "nll_mask": nll_mask}
+  return {k: v.reshape(2 * pairs, t) for k, v in batch.items()}
 
 
 def stack(*mbs):
@@ -77,8 +78,7 @@ def test_sharded_accumulated_step_matches_unsharded_reference(setup):
 
   # Reference: one device, no mesh, the definition of accumulation (mean of microbatch losses and grads).
   plain = Transformer(config)
-  ref_loss = lambda p, mb: orpo_loss(p, {k: v.reshape(2 * B, *v.shape[2:]) for k, v in mb.items()},
-                                     model=plain, config=config, beta=0.1)
+  ref_loss = lambda p, mb: orpo_loss(p, mb, model=plain, config=config, beta=0.1)
   ref_grad = jax.jit(jax.value_and_grad(ref_loss, has_aux=True))
   (l1, m1), g1 = ref_grad(params, mb1)
   (l2, m2), g2 = ref_grad(params, mb2)
@@ -96,12 +96,6 @@ def test_sharded_accumulated_step_matches_unsharded_reference(setup):
   assert int(state.step) == 1 and int(metrics["nonfinite"]) == 0
 
 
-def test_merge_pairs_keeps_chosen_then_rejected():
-  x = {"tokens": jnp.arange(2 * 3 * 2).reshape(2, 3, 2)}
-  out = step_lib.merge_pairs(x, None)["tokens"]
-  np.testing.assert_array_equal(out, np.arange(12).reshape(6, 2))  # rows 0-2 chosen, 3-5 rejected
-
-
 def test_nonfinite_step_is_skipped_and_counted(setup):
   config, mesh, ctx, tx, sched, shardings, params = setup
   model = Transformer(config, ctx)
@@ -116,9 +110,9 @@ def test_nonfinite_step_is_skipped_and_counted(setup):
                                  state_shardings=shardings)
   rng = np.random.default_rng(1)
   mb = pref_batch(rng)
-  mb = {k: v[:1] for k, v in mb.items() if k != "nll_mask"}  # an SFT batch: G = 1
-  good = stack({**mb, "poison": np.ones((1, B), np.float32)})
-  bad = stack({**mb, "poison": np.full((1, B), np.nan, np.float32)})
+  mb = {k: v[:B] for k, v in mb.items() if k != "nll_mask"}  # an SFT batch
+  good = stack({**mb, "poison": np.ones((B,), np.float32)})
+  bad = stack({**mb, "poison": np.full((B,), np.nan, np.float32)})
 
   state = new_state(setup)
   before = jax.device_get(state)
@@ -149,7 +143,7 @@ def test_state_buffers_are_donated(setup):
   step = step_lib.jit_train_step(loss_fn=loss_fn, optimizer=tx, schedule=sched, mesh=mesh,
                                  state_shardings=shardings)
   mb = pref_batch(np.random.default_rng(2))
-  batch = stack({k: v[:1] for k, v in mb.items() if k != "nll_mask"})
+  batch = stack({k: v[:B] for k, v in mb.items() if k != "nll_mask"})
   state = new_state(setup)
   old = state.params["layer_0"]["mlp"]["linear"]
   state, _ = step(state, batch, None)
@@ -169,7 +163,7 @@ def _one_step(setup, cfg, mb):
 @pytest.fixture(scope="module")
 def baseline(setup):
   mb = pref_batch(np.random.default_rng(3))
-  mb = stack({k: v[:1] for k, v in mb.items() if k != "nll_mask"})
+  mb = stack({k: v[:B] for k, v in mb.items() if k != "nll_mask"})
   return mb, _one_step(setup, setup[0], mb)
 
 

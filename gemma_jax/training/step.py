@@ -1,10 +1,8 @@
 """The jitted train and eval steps: one program over the mesh, explicit shardings, donated state.
 
-Batches enter the step as a dict of arrays shaped `[A, G, b, T]` (A microbatches for gradient accumulation;
-G = 2 for preference data, chosen then rejected, G = 1 otherwise; b examples per microbatch, sharded over the
-mesh's data and fsdp axes). Inside, each microbatch is merged to the `[R = G * b, T]` rows every loss reads
-(chosen rows first, then rejected). Keeping the pair axis apart until then is what lets each host contribute
-its own pairs to a global batch (see `loop.global_batch`).
+Batches enter the step as a dict of arrays shaped `[A, R, T]`: A microbatches for gradient accumulation, each
+the `[R, T]` rows a loss reads (for preference data R = 2B: every chosen row, then every rejected row), rows
+sharded over the mesh's data and fsdp axes. Per-row arrays (e.g. DPO's `reference_logps`) are `[A, R]`.
 
 `loss_fn(params, batch, aux) -> (loss, metrics)`: batch holds `[R, T]` arrays; aux is an extra input the loss
 reads but does not differentiate (frozen reference params for DPO, or None).
@@ -29,23 +27,20 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of `[A, G, b, ...]` batch arrays: examples over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, P(None, None, BATCH_AXES))
+  """Sharding of `[A, R, ...]` batch arrays: rows over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(None, BATCH_AXES))
 
 
-def rows_per_shard(mesh: Mesh) -> int:
-  """How many ways the example axis is split: b must be a multiple of this."""
+def row_shards(mesh: Mesh) -> int:
+  """How many ways the row axis is split: R must be a multiple of this."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def merge_pairs(mb: dict[str, jax.Array], mesh: Mesh | None) -> dict[str, jax.Array]:
-  """[G, b, ...] -> [G * b, ...] (chosen rows, then rejected), rows sharded over data x fsdp."""
-  def merge(x):
-    x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-    if mesh is not None:
-      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
-    return x
-  return {k: merge(v) for k, v in mb.items()}
+def constrain_rows(mb: dict[str, jax.Array], mesh: Mesh | None) -> dict[str, jax.Array]:
+  """Keeps a microbatch's [R, ...] rows sharded over data x fsdp inside the step."""
+  if mesh is None:
+    return mb
+  return {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, P(BATCH_AXES))) for k, v in mb.items()}
 
 
 def _tree_select(ok: jax.Array, new: Any, old: Any) -> Any:
@@ -56,7 +51,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], aux: Any, *, loss
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step over `A` microbatches (mean of their losses and gradients). Not jitted: see `jit_train_step`."""
-  grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(p, merge_pairs(mb, mesh), aux), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(p, constrain_rows(mb, mesh), aux), has_aux=True)
   num_micro = jax.tree.leaves(batch)[0].shape[0]
   if num_micro == 1:
     (loss, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
@@ -99,8 +94,8 @@ def jit_train_step(*, loss_fn: LossFn, optimizer: optax.GradientTransformation, 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], aux: Any, *, loss_fn: LossFn,
               mesh: Mesh | None = None) -> dict[str, jax.Array]:
-  """Loss and metrics of one `[1, G, b, T]` batch, without gradients."""
-  loss, metrics = loss_fn(params, merge_pairs(jax.tree.map(lambda x: x[0], batch), mesh), aux)
+  """Loss and metrics of one `[1, R, T]` batch, without gradients."""
+  loss, metrics = loss_fn(params, constrain_rows(jax.tree.map(lambda x: x[0], batch), mesh), aux)
   return {"loss": loss, **metrics}
 
 

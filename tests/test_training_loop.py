@@ -1,0 +1,149 @@
+"""The training loop end to end on a tiny model: metrics, TensorBoard events, evaluation with greedy samples,
+the best and final checkpoints in our format (loadable and sampleable), non-finite steps, config errors."""
+
+from __future__ import annotations
+
+import glob
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from training_helpers import make_workspace, read_metrics, run_config
+from gemma_jax import checkpoint
+from gemma_jax.errors import ConfigError
+from gemma_jax.training import checkpointing, optim, state as state_lib
+from gemma_jax.training.loop import TrainingStopped, train
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_tokenizer):
+  return make_workspace(tmp_path_factory.mktemp("ws"), tiny_tokenizer)
+
+
+def read_events(workdir):
+  """Scalars from the TensorBoard event files: {tag: {step: value}} (TFRecord framing, Event protos)."""
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    data = open(path, "rb").read()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in ev.summary.value:
+        if v.HasField("simple_value"):
+          out.setdefault(v.tag, {})[ev.step] = v.simple_value
+  return out
+
+
+def test_train_end_to_end(ws, tmp_path):
+  workdir = str(tmp_path / "run")
+  result = train(run_config(ws), workdir)
+  assert result.step == 6 and not result.stopped_by_signal
+
+  rows = read_metrics(workdir)
+  train_rows = [r for r in rows if "loss" in r]
+  eval_rows = [r for r in rows if "eval/loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+  for r in train_rows:
+    for k in ("loss", "nll_loss", "log_odds_ratio", "rewards/accuracies", "rewards/margins", "lr", "grad_norm",
+              "tokens_per_s"):
+      assert np.isfinite(r[k]), k
+  # warmup ceil(0.2 * 6) = 2 steps, then cosine over 4
+  np.testing.assert_allclose([r["lr"] for r in train_rows], [0, 5e-3, 1e-2, 1e-2 * (0.5 + 0.5 * np.cos(np.pi / 4)),
+                                                            5e-3, 1e-2 * (0.5 + 0.5 * np.cos(3 * np.pi / 4))],
+                             rtol=1e-6, atol=1e-12)
+  assert [r["step"] for r in eval_rows] == [3, 6]
+  for r in eval_rows:
+    assert 0.0 <= r["eval/rewards/accuracies"] <= 1.0 and np.isfinite(r["eval/rewards/margins"])
+    (sample,) = r["eval/samples"]
+    assert sample["prompt"].startswith("<start_of_turn>user\n") and isinstance(sample["completion"], str)
+  assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # it learns (lr 1e-2 on 48 pairs)
+
+  events = read_events(workdir)
+  assert sorted(events["loss"]) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose(events["loss"][4], train_rows[3]["loss"], rtol=1e-6)
+  assert sorted(events["eval/loss"]) == [3, 6]
+
+  # The final model: our format, the training template, kind "it", the exact params of the last step.
+  final = checkpoint.load(os.path.join(workdir, "final"))
+  assert final.kind == "it" and final.template == {"name": "gemma3"}
+  assert final.metadata["provenance"]["trained"]["chat_fine_tuned"] is True
+  assert final.config.remat == "none" and final.tokenizer is not None
+  tx, _ = optim.optimizer_from_config(run_config(ws).optim, 6)
+  from gemma_jax.model.params import param_shapes
+  from gemma_jax.model import ShardingContext, make_mesh, param_shardings
+  mesh = make_mesh("fsdp:-1")
+  shardings = state_lib.state_shardings(tx, param_shapes(final.config), param_shardings(final.config,
+                                                                                         ShardingContext(mesh)), mesh)
+  ck = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"), every=2)
+  assert ck.all_steps() == [2, 4, 6]
+  state, data_state, meta = ck.restore(6, state_lib.abstract_state(tx, param_shapes(final.config), shardings))
+  ck.close()
+  assert meta["step"] == 6 and data_state["batches"] == 6
+  for a, b in zip(jax.tree.leaves(jax.device_get(final.params)), jax.tree.leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(a, b)
+  init = checkpoint.load(ws["init"])
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(final.params)))
+
+  # Sampleable as saved, with its own template.
+  from gemma_jax.sampling import Sampler
+  prompt = final.chat_template().render_prompt([{"role": "user", "content": "hello"}], final.tokenizer)
+  (out,) = Sampler(final.config, final.params, final.tokenizer).generate([prompt], max_new_tokens=3)
+  assert len(out.tokens) <= 3
+
+  best = checkpoint.load(os.path.join(workdir, "best"))
+  best_step = min(eval_rows, key=lambda r: r["eval/loss"])["step"]
+  assert best.metadata["provenance"]["trained"]["steps"] == best_step
+
+  # Running again on a finished work directory resumes at the end and changes nothing.
+  again = train(run_config(ws), workdir)
+  assert again.step == 6
+  final2 = checkpoint.load(os.path.join(workdir, "final"))
+  for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(final2.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(ws, tmp_path):
+  workdir = str(tmp_path / "nan")
+  cfg = run_config(ws, num_steps=8, inject_nonfinite="3,4,5", max_nonfinite=3, **{"data.eval": ""})
+  with pytest.raises(TrainingStopped, match=r"stopped at step 5: 3 steps in a row had a non-finite"):
+    train(cfg, workdir)
+  rows = {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
+  assert [rows[s]["nonfinite"] for s in (1, 2, 3, 4, 5)] == [0, 0, 1, 1, 1]
+  assert [rows[s]["nonfinite_run"] for s in (3, 4, 5)] == [1, 2, 3]
+  assert not os.path.exists(os.path.join(workdir, "final"))
+  # Steps 2 and 4 were saved; skipped steps 3 and 4 applied nothing, so both hold the same parameters.
+  ck = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"), every=2)
+  assert ck.all_steps() == [2, 4]
+  ck.close()
+  from gemma_jax.training.checkpointing import ocp
+  p2 = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", "2", "state"))["params"]
+  p4 = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", "4", "state"))["params"]
+  for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p4)):
+    np.testing.assert_array_equal(a, b)
+
+  # One non-finite step in a run that tolerates it: counted, skipped, the run finishes.
+  workdir = str(tmp_path / "nan1")
+  cfg = run_config(ws, num_steps=4, inject_nonfinite="2", max_nonfinite=2, **{"data.eval": ""})
+  assert train(cfg, workdir).step == 4
+  rows = {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
+  assert rows[2]["nonfinite"] == 1 and rows[2]["loss"] == "nan" and rows[3]["nonfinite"] == 0
+  assert rows[3]["lr"] == rows[2]["lr"]  # the schedule counts applied updates only
+
+
+def test_config_errors_are_one_line(ws, tmp_path):
+  with pytest.raises(ConfigError, match="not a multiple of the mesh's data x fsdp size"):
+    train(run_config(ws, batch_size=3), str(tmp_path / "a"))
+  with pytest.raises(ConfigError, match="data.train is empty"):
+    train(run_config(ws, **{"data.train": ""}), str(tmp_path / "b"))
+  with pytest.raises(ConfigError, match="init_from is empty"):
+    train(run_config(ws, init_from=""), str(tmp_path / "c"))
+  with pytest.raises(ConfigError, match="objective="):
+    train(run_config(ws, objective="kto"), str(tmp_path / "d"))
+  with pytest.raises(ConfigError, match="multiple of grad_accum"):
+    train(run_config(ws, grad_accum=3), str(tmp_path / "e"))

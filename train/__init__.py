@@ -1,0 +1,1 @@
+"""Training scripts (thin absl front ends over `gemma_jax.training`)."""

@@ -1,0 +1,57 @@
+"""Trains a Gemma model with ORPO, SFT, DPO or SimPO as a run config says.
+
+    python -m train.train --config=configs/orpo_gemma3_270m_cpu.py --workdir=/tmp/run \
+        --config.data.train=prefs.jsonl --config.num_steps=50
+
+Any config field can be overridden with `--config.<field>=value`. Running the same command again on the same
+work directory resumes from the latest run checkpoint. Multi-host: start one process per host with
+`--coordinator_address=host0:1234 --num_processes=N --process_id=i` (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID; TPU pods and SLURM are detected). The trained model lands in
+`<workdir>/final` (our checkpoint format): `python -m sample.sample --ckpt=<workdir>/final`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                           "orpo_gemma3_270m_cpu.py"),
+    "Run config file (configs/<recipe>.py[:arg]); override fields with --config.<field>=value.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.",
+                               required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from gemma_jax.errors import run_main
+  run_main(_run)
+
+
+def _run():
+  from gemma_jax.training import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+  import jax
+  import gemma_jax
+  from gemma_jax.training.loop import train
+  logging.info("gemma_jax %s, jax %s; process %d of %d; %d local / %d global devices (%s)",
+               gemma_jax.__version__, jax.__version__, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+  result = train(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:
+    if result.stopped_by_signal:
+      print(f"stopped at step {result.step}; resume with the same command", flush=True)
+    else:
+      print(f"done: step {result.step}; model saved to {result.final_dir}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
