@@ -1,0 +1,115 @@
+"""The absl scripts, run as users run them (subprocesses): sample.sample and the sample.chat REPL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module, *args, stdin=None, timeout=600):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, input=stdin, capture_output=True,
+                        text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_tokenizer):
+  """A tiny instruction-tuned checkpoint (gemma3 template) and the same weights saved as PT."""
+  from gemma_jax import checkpoint
+  from gemma_jax.model import init_params
+  cfg = tiny_config("gemma3", vocab_size=300)
+  params = init_params(cfg, jax.random.key(4))
+  params["embedder"]["input_embedding"] = params["embedder"]["input_embedding"] * 0.1
+  root = tmp_path_factory.mktemp("ckpt")
+  paths = {}
+  for kind in ("it", "pt"):
+    paths[kind] = str(root / kind)
+    checkpoint.save(paths[kind], config=cfg, params=params, tokenizer=tiny_tokenizer,
+                    template={"name": "gemma3"}, kind=kind)
+  paths["config"], paths["params"] = cfg, params
+  return paths
+
+
+def test_sample_stdout_is_the_continuation(tiny_ckpt, tiny_tokenizer, tmp_path):
+  from gemma_jax.sampling import Sampler, SamplingParams
+  from gemma_jax.templates import get_template
+  prompts = ["hello world", "the capital of france is", "東京"]
+  f = tmp_path / "prompts.txt"
+  f.write_text(prompts[0] + "\n\n" + prompts[1] + "\n" + prompts[2] + "\n", encoding="utf-8")
+  r = _run("sample.sample", f"--ckpt={tiny_ckpt['it']}", f"--prompts_file={f}", "--max_new_tokens=7",
+           "--output_format=jsonl", "--temperature=0", "--batch_size=2")
+  assert r.returncode == 0, r.stderr
+  rows = [json.loads(line) for line in r.stdout.splitlines()]
+  assert [x["prompt"] for x in rows] == prompts
+  # the same thing in process: the saved gemma3 template (auto, IT checkpoint), greedy
+  s = Sampler(tiny_ckpt["config"], tiny_ckpt["params"], tiny_tokenizer)
+  t = get_template("gemma3")
+  ids = [t.render_prompt([{"role": "user", "content": p}], tiny_tokenizer) for p in prompts]
+  want = s.generate(ids, max_new_tokens=7, stop_ids=t.stop_token_ids(tiny_tokenizer))
+  assert [x["tokens"] for x in rows] == [w.tokens for w in want]
+  assert [x["completion"] for x in rows] == [w.text for w in want]
+  assert "chat template 'gemma3'" in r.stderr
+
+  # text format, PT checkpoint: auto = plain completion; the continuation alone on stdout
+  r = _run("sample.sample", f"--ckpt={tiny_ckpt['pt']}", "--prompt=hello world", "--max_new_tokens=5",
+           "--temperature=0.9", "--top_k=20", "--seed=3")
+  assert r.returncode == 0, r.stderr
+  want = s.generate(["hello world"], max_new_tokens=5,
+                    sampling=SamplingParams(temperature=0.9, top_k=20, seed=3))
+  assert r.stdout == want[0].text + "\n"
+  assert "plain completion" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompts_file=/nonexistent/p.txt"], "cannot read the prompts file"),
+    (["--template=gemma", "--strict_template"], "differs from the checkpoint's saved template"),
+    (["--top_p=0"], "top_p"),
+    (["--stop_tokens=<no_such_piece>"], "not a single piece"),
+])
+def test_sample_user_errors_are_one_line(tiny_ckpt, args, message):
+  r = _run("sample.sample", f"--ckpt={tiny_ckpt['it']}", *args)
+  assert r.returncode == 1
+  lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0], r.stderr
+  assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_sample_not_a_checkpoint(tmp_path):
+  r = _run("sample.sample", f"--ckpt={tmp_path}")
+  assert r.returncode == 1 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
+
+
+def test_chat_repl(tiny_ckpt):
+  r = _run("sample.chat", f"--ckpt={tiny_ckpt['pt']}", "--max_new_tokens=4",
+           stdin="hello world\n\n/reset\nhow are you today ?\none two\n/quit\nnever read\n")
+  assert r.returncode == 0, r.stderr
+  replies = r.stdout.split("\n")
+  assert len(replies) == 4 and replies[-1] == ""  # three replies, each ended by a newline
+  assert "pretrained (PT)" in r.stderr and "instruction-tuned (IT)" in r.stderr
+  r = _run("sample.chat", f"--ckpt={tiny_ckpt['it']}", "--template=gemma", "--max_new_tokens=3",
+           stdin="hello\n")
+  assert r.returncode == 0 and "differs" in r.stderr and "pretrained" not in r.stderr
+  assert r.stdout.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_default_sample_runs_the_real_model():
+  """`python -m sample.sample` with no flags: greedy continuation of the default prompt by the real 270M."""
+  r = _run("sample.sample", "--max_new_tokens=12")
+  assert r.returncode == 0, r.stderr[-3000:]
+  gens = json.load(open(os.path.join(ROOT, "tests", "fixtures", "real_270m", "generations.json"),
+                        encoding="utf-8"))["generations"]
+  assert gens[0]["prompt"] == "The capital of France is"
+  want = gens[0]["text"]  # HF greedy, 24 tokens; ours stops after 12
+  out = r.stdout[:-1]
+  assert r.stdout.endswith("\n") and out and want.startswith(out), (out, want)
