@@ -26,6 +26,7 @@ The template saved with a checkpoint (`to_dict`) is always the inference templat
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 from gemma_jax.errors import UserError
@@ -182,6 +183,48 @@ class ChatTemplate:
       mask.append(True)
     return ids, mask
 
+  def render_response(self, reply: Sequence[Message], tokenizer: Tokenizer, *,
+                      eos_target: bool = False) -> tuple[list[int], list[bool]]:
+    """Ids and target mask of a reply that follows a sampling prompt: for any prompt ending with a user turn,
+    `render_prompt(prompt) + render_response(reply) == render_training(prompt + reply, train_from=len(prompt))`.
+
+    `reply` starts with an assistant message (then user, assistant, ... ending with assistant); every
+    assistant message in it is a target. Lets a preference pair render its shared prompt once.
+    """
+    if isinstance(reply, (str, bytes)) or not isinstance(reply, Sequence) or not reply:
+      raise UserError("render_response: expects a non-empty list of messages starting with an assistant reply")
+    turns = []
+    for i, m in enumerate(reply):
+      role, content = _check_message(m, i)
+      want = "model" if i % 2 == 0 else "user"
+      if role != want:
+        raise UserError(f"reply message {i}: roles must alternate assistant/user starting with assistant, got "
+                        f"{role!r}")
+      turns.append(_Turn(role, content.strip() if self.is_chat else content))
+    if turns[-1].role != "model":
+      raise UserError("render_response: the reply must end with an assistant message")
+    if not self.is_chat:
+      if len(turns) > 1:
+        raise UserError("the completion template takes one user message (the prompt) and at most one reply")
+      ids = tokenizer.encode(turns[0].content)
+      mask = [True] * len(ids)
+    else:
+      ids, mask = [], []
+      for i, turn in enumerate(turns):
+        t_ids, t_mask = self._turn_ids(turn, tokenizer)
+        if i == 0:  # its header `<start_of_turn>model\n` ended the prompt
+          n = len(self.generation_prompt(tokenizer))
+          t_ids, t_mask = t_ids[n:], t_mask[n:]
+        ids += t_ids
+        mask += t_mask
+    if eos_target:
+      if self.is_chat:
+        n = len(_newline(tokenizer))
+        ids, mask = ids[:-n], mask[:-n]
+      ids.append(_eos(tokenizer))
+      mask.append(True)
+    return ids, mask
+
   def render_next_turn(self, message: Message, tokenizer: Tokenizer) -> list[int]:
     """Ids to feed after a generated reply in multi-turn chat with a reused KV cache.
 
@@ -202,7 +245,7 @@ class ChatTemplate:
     """The ids that end every sampling prompt: `<start_of_turn>model\\n` ([] for "completion")."""
     if not self.is_chat:
       return []
-    return [_special(tokenizer, "start_of_turn")] + tokenizer.encode("model\n")
+    return [_special(tokenizer, "start_of_turn")] + _encode_constant(tokenizer, "model\n")
 
   def stop_token_ids(self, tokenizer: Tokenizer) -> list[int]:
     """The sampler stops on eos and on `<end_of_turn>` (when the vocabulary has it)."""
@@ -221,7 +264,7 @@ class ChatTemplate:
       body = tokenizer.encode(f"user\n{turn.content}")
       ids = [sot] + body + [eot] + nl
       return ids, [False] * len(ids)
-    header = tokenizer.encode("model\n")
+    header = _encode_constant(tokenizer, "model\n")
     content = tokenizer.encode(turn.content)  # separate, so the prompt's header is a token prefix
     ids = [sot] + header + content + [eot] + nl
     mask = [False] * (1 + len(header)) + [True] * (len(content) + 1) + [False] * len(nl)
@@ -296,7 +339,12 @@ def _eos(tokenizer: Tokenizer) -> int:
 
 
 def _newline(tokenizer: Tokenizer) -> list[int]:
-  return tokenizer.encode("\n")
+  return _encode_constant(tokenizer, "\n")
+
+
+@functools.lru_cache(maxsize=16)
+def _encode_constant(tokenizer: Tokenizer, text: str) -> list[int]:
+  return tokenizer.encode(text)
 
 
 def get_template(name: str) -> ChatTemplate:

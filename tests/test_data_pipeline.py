@@ -205,6 +205,21 @@ def test_all_malformed_records_are_listed_before_failing(tmp_path, tiny_tokenize
     prep(tmp_path, recs[:3], tiny_tokenizer, skip_invalid=True)
 
 
+def test_workers_give_the_same_result(tmp_path, tiny_tokenizer):
+  recs = [{"prompt": f"hello {i}", "chosen": "hello world " * (i % 7 + 1), "rejected": "one two"} for i in range(1100)]
+  recs[5] = {"prompt": "x", "chosen": "same", "rejected": "same"}
+  kw = dict(max_length=40, skip_invalid=True)
+  one = prep(tmp_path, recs, tiny_tokenizer, **kw)
+  two = prep(tmp_path, recs, tiny_tokenizer, num_workers=2, **kw)
+  assert one.stats.to_dict() == two.stats.to_dict() and one.stats.dropped_response_too_long > 0
+  assert [str(i) for i in one.invalid] == [str(i) for i in two.invalid] and len(one.invalid) == 1
+  assert len(one.examples) == len(two.examples) > 100
+  for x, y in zip(one.examples, two.examples):
+    assert x.where == y.where
+    for f in ("prompt", "chosen", "chosen_target", "rejected", "rejected_target"):
+      np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+
+
 # -- truncation ----------------------------------------------------------------------------------------------
 
 def test_prompt_truncation_keeps_bos_and_generation_prompt(tmp_path, tiny_tokenizer):

@@ -43,14 +43,19 @@ def s(text):
 
 
 @pytest.fixture(scope="session")
-def real_tokenizer():
-  """The real Gemma 3 vocabulary (from our converted 270M checkpoint)."""
+def real_tokenizer(real_gguf_path):
+  """The real Gemma 3 vocabulary: from our converted 270M checkpoint, else rebuilt from its GGUF."""
+  from gemma_jax.tokenizer import Tokenizer
   try:
     from gemma_jax.real_model import real_model_path
-    from gemma_jax.tokenizer import Tokenizer
+    return Tokenizer(os.path.join(real_model_path(), "tokenizer.model"))
+  except Exception:  # the cached conversion is not available here: read the GGUF's vocabulary directly
+    pass
+  try:
+    from gemma_jax.convert.gguf import read_gguf
   except ImportError as e:
-    pytest.skip(f"real model not available: {e}")
-  return Tokenizer(os.path.join(real_model_path(), "tokenizer.model"))
+    pytest.skip(f"no way to load the real tokenizer: {e}")
+  return read_gguf(real_gguf_path, progress=False).tokenizer
 
 
 # -- parity with HF's templates ----------------------------------------------------------------------------
@@ -161,6 +166,12 @@ def check_conversation(template, conv, tok):
     # With eos_target, the reply ends <end_of_turn><eos>, both targets (a base model learns to stop).
     ids_e, mask_e = template.render_training(conv[:i + 1], tok, train_from=i, eos_target=True)
     assert ids_e == ids[:-1] + [eos] and mask_e == mask[:-1] + [True]
+  # A reply rendered on its own continues the prompt exactly (multi-turn replies too).
+  for j in replies:
+    ids, mask = template.render_training(conv, tok, train_from=j)
+    r_ids, r_mask = template.render_response(conv[j:], tok)
+    assert template.render_prompt(conv[:j], tok) + r_ids == ids and mask[len(ids) - len(r_ids):] == r_mask
+    assert template.render_response(conv[j:], tok, eos_target=True) == (r_ids[:-1] + [eos], r_mask[:-1] + [True])
   # Training on the whole conversation: every reply is a target, nothing else.
   want = sorted(j for i in replies for j in range(len(template.render_prompt(conv[:i], tok)),
                                                     len(template.render_training(conv[:i + 1], tok)[0]) - 1))

@@ -11,6 +11,7 @@ By default any malformed record stops preparation with `InvalidRecordsError`, wh
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 from typing import Literal
 
@@ -44,26 +45,14 @@ class PreparedData:
   policy: LengthPolicy
 
 
-def prepare_dataset(path: str | os.PathLike, *, kind: Literal["preference", "sft"], template: ChatTemplate,
-                    tokenizer: Tokenizer, policy: LengthPolicy, skip_invalid: bool = False,
-                    eos_target: bool | None = None, train_on: Literal["all", "last"] = "all",
-                    max_listed: int = 100, require_examples: bool = True) -> PreparedData:
-  """Reads, validates, renders and fits every record of `path`.
-
-  eos_target: also train eos at the end of each reply; None = only for the completion template (where eos is
-  the only way a reply ends). train_on: SFT `messages`: every assistant reply ("all") or the last one.
-  """
-  if kind not in KINDS:
-    raise ConfigError(f"kind={kind!r}: use one of {', '.join(KINDS)}")
-  if eos_target is None:
-    eos_target = not template.is_chat
-  path = os.fspath(path)
+def _process(records: list, kind: str, template: ChatTemplate, tokenizer: Tokenizer, policy: LengthPolicy,
+             eos_target: bool, train_on: str) -> tuple[list, PrepStats]:
+  """Each record -> an example, an Invalid, or None (dropped, counted in the returned stats)."""
   stats = PrepStats()
-  examples, invalid = [], []
-  for rec in read_records(path):
-    stats.records += 1
+  out = []
+  for rec in records:
     if isinstance(rec, Invalid):
-      invalid.append(rec)
+      out.append(rec)
       continue
     try:
       if kind == "preference":
@@ -75,10 +64,70 @@ def prepare_dataset(path: str | os.PathLike, *, kind: Literal["preference", "sft
     except ConfigError:
       raise
     except UserError as e:  # DataError from parsing, or the template rejecting the conversation
-      invalid.append(Invalid(rec.where, str(e)))
-      continue
-    if ex is not None:
-      examples.append(ex)
+      ex = Invalid(rec.where, str(e))
+    out.append(ex)
+  return out, stats
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(model_proto: bytes) -> None:
+  global _WORKER_TOKENIZER
+  _WORKER_TOKENIZER = Tokenizer(model_proto)
+
+
+def _process_in_worker(args):
+  records, kind, template_dict, policy, eos_target, train_on = args
+  return _process(records, kind, ChatTemplate.from_dict(template_dict), _WORKER_TOKENIZER, policy, eos_target,
+                  train_on)
+
+
+def _chunks(it, size):
+  chunk = []
+  for x in it:
+    chunk.append(x)
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
+
+
+def prepare_dataset(path: str | os.PathLike, *, kind: Literal["preference", "sft"], template: ChatTemplate,
+                    tokenizer: Tokenizer, policy: LengthPolicy, skip_invalid: bool = False,
+                    eos_target: bool | None = None, train_on: Literal["all", "last"] = "all",
+                    max_listed: int = 100, require_examples: bool = True, num_workers: int = 0) -> PreparedData:
+  """Reads, validates, renders and fits every record of `path`.
+
+  eos_target: also train eos at the end of each reply; None = only for the completion template (where eos is
+  the only way a reply ends). train_on: SFT `messages`: every assistant reply ("all") or the last one.
+  num_workers: tokenize in that many processes (0: in this one); the result is identical.
+  """
+  if kind not in KINDS:
+    raise ConfigError(f"kind={kind!r}: use one of {', '.join(KINDS)}")
+  if eos_target is None:
+    eos_target = not template.is_chat
+  path = os.fspath(path)
+  stats = PrepStats()
+  examples, invalid = [], []
+  if num_workers > 0:
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX's threads
+    jobs = ((chunk, kind, template.to_dict(), policy, eos_target, train_on)
+            for chunk in _chunks(read_records(path), 512))
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer.model_proto,)) as pool:
+      parts = list(pool.imap(_process_in_worker, jobs))
+  else:
+    parts = [_process(chunk, kind, template, tokenizer, policy, eos_target, train_on)
+             for chunk in _chunks(read_records(path), 512)]
+  for items, part_stats in parts:
+    stats.merge(part_stats)
+    for item in items:
+      stats.records += 1
+      if isinstance(item, Invalid):
+        invalid.append(item)
+      elif item is not None:
+        examples.append(item)
   stats.invalid = len(invalid)
   if invalid and not skip_invalid:
     lines = [str(i) for i in invalid[:max_listed]]

@@ -2,7 +2,7 @@
 
     python -m gemma_jax.data.inspect prefs.jsonl --template=gemma3 --tokenizer=real --kind=preference \\
         [--max_length=1024] [--max_prompt_length=512] [--prompt_truncation=keep_end|keep_start] \\
-        [--response_truncation=drop|cut] [--eos_target] [--skip_invalid]
+        [--response_truncation=drop|cut] [--eos_target] [--num_workers=N] [--skip_invalid]
 
 Every malformed record is listed as `FILE:LINE: what is wrong`. Without `--skip_invalid` the command then
 fails (exit status 1) and prints nothing else; with it, they are skipped, counted, and the statistics follow.
@@ -58,6 +58,7 @@ def parse_args(argv):
   p.add_argument("--eos_target", action=argparse.BooleanOptionalAction, default=None,
                  help="also train eos after each reply (default: only for the completion template)")
   p.add_argument("--train_on", choices=("all", "last"), default="all", help="SFT messages: which replies are targets")
+  p.add_argument("--num_workers", type=int, default=0, help="tokenize in this many processes")
   p.add_argument("--skip_invalid", action="store_true", help="skip and count malformed records instead of failing")
   return p.parse_args(argv)
 
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
   try:
     data = prepare_dataset(args.file, kind=args.kind, template=template, tokenizer=tokenizer, policy=policy,
                            skip_invalid=args.skip_invalid, eos_target=args.eos_target, train_on=args.train_on,
-                           max_listed=sys.maxsize, require_examples=False)
+                           max_listed=sys.maxsize, require_examples=False, num_workers=args.num_workers)
   except InvalidRecordsError as e:
     for bad in e.invalid:
       print(bad, flush=True)

@@ -112,11 +112,8 @@ def render_pair(ex: PreferenceExample, template: ChatTemplate, tokenizer: Tokeni
   prompt = template.render_prompt(ex.prompt, tokenizer)
   out = []
   for reply in (ex.chosen, ex.rejected):
-    ids, mask = template.render_training(ex.prompt + reply, tokenizer, eos_target=eos_target,
-                                         train_from=len(ex.prompt))
-    if ids[:len(prompt)] != prompt:  # the template's invariant; a failure here is a bug, not bad data
-      raise AssertionError("the sampling prompt is not a token prefix of the training rendering")
-    out.append((np.asarray(ids[len(prompt):], np.int32), np.asarray(mask[len(prompt):], bool)))
+    ids, mask = template.render_response(reply, tokenizer, eos_target=eos_target)
+    out.append((np.asarray(ids, np.int32), np.asarray(mask, bool)))
   return np.asarray(prompt, np.int32), out[0], out[1]
 
 

@@ -85,6 +85,13 @@ class PrepStats:
   truncated_responses: int = 0
   lengths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
+  def merge(self, other: PrepStats) -> None:
+    for f in ("records", "invalid", "kept", "dropped_prompt_too_long", "dropped_response_too_long",
+              "truncated_prompts", "truncated_responses"):
+      setattr(self, f, getattr(self, f) + getattr(other, f))
+    for k, v in other.lengths.items():
+      self.lengths.setdefault(k, []).extend(v)
+
   def add_length(self, name: str, n: int) -> None:
     self.lengths.setdefault(name, []).append(int(n))
 
