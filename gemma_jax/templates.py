@@ -13,7 +13,11 @@ Messages are `[{"role": "system" | "user" | "assistant" | "model", "content": st
 written `model`; content is trimmed (`str.strip`, as Jinja's `trim`). After an optional system message, turns
 alternate user, model, user, ... starting with user. Content may not contain the turn markers
 `<start_of_turn>` / `<end_of_turn>` as text (they would become control tokens and corrupt the turn structure).
+Other control-token names typed in content (`<bos>`, `<eos>`) stay text; HF re-tokenizes the rendered string and
+turns them into control ids (a second BOS), the one place where we differ from HF on purpose.
 
+Renderings: `render_prompt` (sampling: ends with the generation prompt), `render_training` (ids + target mask),
+`render_response` (a reply's ids after a prompt), `render_next_turn` (multi-turn chat over a reused KV cache).
 Token ids are produced segment by segment so that the sampling prompt is an exact token prefix of the
 training rendering, and equal (tested against HF's Jinja templates) to tokenizing the whole rendered text:
 the turn markers and newlines are their own tokens in Gemma's vocabulary, so no token spans a boundary.
@@ -89,6 +93,7 @@ HF_CHAT_TEMPLATES = {
         "{%- if add_generation_prompt -%}\n"
         "    {{'<start_of_turn>model\n'}}\n"
         "{%- endif -%}\n"),
+    # Ours (no HF model ships it): the plain-text rendering of the completion template.
     "completion": "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}",
 }
 
