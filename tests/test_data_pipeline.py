@@ -65,6 +65,22 @@ def test_preference_formats_agree(tmp_path, tiny_tokenizer):
   assert [e.where for e in data.examples] == [f"{tmp_path}/d.jsonl:{i}" for i in range(1, 6)]
 
 
+def test_ultrafeedback_parquet_unchanged(tmp_path, tiny_tokenizer):
+  """The HF ultrafeedback_binarized schema (message lists as list<struct>), read from Parquet as is."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  rows = [{"prompt": p, "prompt_id": f"id{i}", "chosen": [u(p), a(c)], "rejected": [u(p), a(r)],
+           "messages": [u(p), a(c)], "score_chosen": 9.0, "score_rejected": 2.5}
+          for i, (p, c, r) in enumerate([("hello", "hello world", "one two"), ("how are you ?", "fine", "no")])]
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train_prefs.parquet")
+  data = prepare_dataset(tmp_path / "train_prefs.parquet", kind="preference", template=G3, tokenizer=tiny_tokenizer,
+                         policy=LengthPolicy(max_length=128))
+  ex = data.examples[1]
+  assert ex.where.endswith("train_prefs.parquet:2")
+  assert ex.prompt.tolist() == G3.render_prompt([u("how are you ?")], tiny_tokenizer)
+  assert tiny_tokenizer.decode(ex.chosen[ex.chosen_target]) == "fine<end_of_turn>"
+
+
 def test_implicit_prompt_multi_turn():
   ex = parse_preference({"chosen": [u("a"), a("b"), u("c"), a("good")], "rejected": [u("a"), a("b"), u("c"), a("bad")]})
   assert ex.prompt == [u("a"), a("b"), u("c")] and ex.chosen == [a("good")] and ex.rejected == [a("bad")]

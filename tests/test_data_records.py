@@ -61,6 +61,18 @@ def test_json_that_is_json_lines(tmp_path):
   assert read(p) == [(f"{p}:1", ROWS[0]), (f"{p}:2", ROWS[1])]
 
 
+def test_byte_order_mark_and_single_object(tmp_path):
+  for name, body in (("a.json", json.dumps(ROWS)), ("b.jsonl", json.dumps(ROWS[0]) + "\n"),
+                     ("c.json", json.dumps(ROWS[0]) + "\n")):
+    p = tmp_path / name
+    p.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert [r for _, r in read(p)] == (ROWS if name == "a.json" else ROWS[:1])
+  p = tmp_path / "d.json"
+  p.write_text(json.dumps({"version": 1, "data": ROWS}, indent=2))
+  with pytest.raises(DataError, match="one JSON object .*under 'data'.*top-level JSON array"):
+    read(p)
+
+
 def test_parquet_rows(tmp_path):
   p = tmp_path / "d.parquet"
   pq.write_table(pa.Table.from_pylist(ROWS + [{"prompt": "p3", "chosen": None, "rejected": "r", "score": 0.0}]), p)

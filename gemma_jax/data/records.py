@@ -48,15 +48,42 @@ def read_records(path: str | os.PathLike) -> Iterator[Record | Invalid]:
     yield from _read_jsonl(path)
   elif lower.endswith(".json"):
     with open(path, "rb") as f:
-      head = f.read(4096).lstrip()
+      head = f.read(4096).removeprefix(BOM).lstrip()
     if head.startswith(b"["):
       yield from _read_json_array(path)
     else:
+      _refuse_single_object(path)
       yield from _read_jsonl(path)
   elif lower.endswith(".parquet"):
     yield from _read_parquet(path)
   else:
     raise DataError(f"{path}: unknown data format; use .jsonl, .json, .parquet or a `save_to_disk` directory")
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _refuse_single_object(path: str) -> None:
+  """A pretty-printed JSON object (e.g. {"data": [...]}) is neither an array of records nor JSON Lines."""
+  with open(path, "rb") as f:
+    raw = f.read().removeprefix(BOM)
+  lines = [line for line in raw.splitlines() if line.strip()]
+  if len(lines) < 2:
+    return
+  try:
+    json.loads(lines[0])
+    return
+  except ValueError:
+    pass
+  try:
+    obj = json.loads(raw)
+  except ValueError:
+    return  # broken JSON Lines: reported line by line
+  if isinstance(obj, dict):
+    keys = [k for k, v in obj.items() if isinstance(v, list)]
+    hint = f" (its records seem to be under {keys[0]!r})" if len(keys) == 1 else ""
+    raise DataError(f"{path}: one JSON object{hint}; give records as a top-level JSON array or as JSON Lines "
+                    "(one object per line)")
 
 
 def _check_object(obj: Any, where: str) -> Record | Invalid:
@@ -72,6 +99,8 @@ def _read_jsonl(path: str) -> Iterator[Record | Invalid]:
   with open(path, "rb") as f:
     for n, raw in enumerate(f, start=1):
       where = f"{path}:{n}"
+      if n == 1:
+        raw = raw.removeprefix(BOM)
       try:
         line = raw.decode("utf-8").rstrip("\r\n")
       except UnicodeDecodeError as e:
@@ -91,7 +120,7 @@ def _read_json_array(path: str) -> Iterator[Record | Invalid]:
   with open(path, "rb") as f:
     raw = f.read()
   # Undecodable bytes become lone surrogates; the record holding them is reported, the others are read.
-  text = raw.decode("utf-8", errors="surrogateescape")
+  text = raw.removeprefix(BOM).decode("utf-8", errors="surrogateescape")
   decoder = json.JSONDecoder()
   i = text.index("[") + 1
   n = len(text)
