@@ -75,8 +75,16 @@ def cli_args(ws: dict[str, str], workdir: str, **overrides) -> list[str]:
   return args
 
 
-def subprocess_env(devices: int) -> dict[str, str]:
+def subprocess_env(devices: int, cache_dir: str | None = None) -> dict[str, str]:
+  """Environment of a CPU training subprocess with `devices` simulated devices.
+
+  cache_dir: a persistent compilation cache shared by the subprocesses of one test (the same executables are
+  reused, so results stay bitwise identical, and each restart skips compiling).
+  """
   env = dict(os.environ)
+  if cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"

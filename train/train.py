@@ -31,6 +31,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; pass --verbosity=0 to see it
   from gemma_jax.errors import run_main
   run_main(_run)
 
@@ -42,9 +44,9 @@ def _run():
   import jax
   import gemma_jax
   from gemma_jax.training.loop import train
-  logging.info("gemma_jax %s, jax %s; process %d of %d; %d local / %d global devices (%s)",
-               gemma_jax.__version__, jax.__version__, jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+  if jax.process_index() == 0:
+    print(f"gemma_jax {gemma_jax.__version__}, jax {jax.__version__}; {jax.process_count()} process(es), "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
   result = train(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     if result.stopped_by_signal:

@@ -342,7 +342,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
     target = state_lib.abstract_state(optimizer, shapes, s_shardings)
     state, data_state, meta = run_ckpt.restore(latest, target)
     data.train.set_state(data_state)
-    best_eval = float(meta.get("best_eval_loss", math.inf))
+    best_eval = meta.get("best_eval_loss")
+    best_eval = math.inf if best_eval is None else float(best_eval)
     _log(f"resumed from {run_ckpt.directory}/{latest}")
   else:
     params = _initial_params(start, model_config, ctx, config.seed)
