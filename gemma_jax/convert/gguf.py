@@ -116,7 +116,7 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
   kind, kind_from = _kind(meta)
   qtypes = sorted({gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors})
   source = {"format": "gguf", "path": os.path.abspath(path), "architecture": arch,
-            "quantization_types": qtypes, "file_type": meta.get("general.file_type"),
+            "quantization_types": qtypes, "file_type": _file_type(meta.get("general.file_type")),
             "name": meta.get("general.name"), "kind_from": kind_from}
   return Imported(config=config, params=params, tokenizer=tokenizer,
                   chat_template=meta.get("tokenizer.chat_template"), kind=kind,
@@ -300,6 +300,18 @@ def match_preset(fields: dict[str, Any]) -> TransformerConfig | None:
 def same_architecture(a: TransformerConfig, b: TransformerConfig) -> bool:
   """Whether two configs compute the same function (dtype, context length and embedding rows aside)."""
   return all(getattr(a, f) == getattr(b, f) for f in ARCH_FIELDS)
+
+
+def _file_type(value) -> str | None:
+  """llama.cpp's `general.file_type` number as its name, e.g. 15 -> "MOSTLY_Q4_K_M"."""
+  import gguf
+
+  if value is None:
+    return None
+  try:
+    return gguf.LlamaFileType(int(value)).name
+  except ValueError:
+    return str(value)
 
 
 def _kind(meta: _Metadata) -> tuple[str, str]:
