@@ -18,7 +18,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 
 from conftest import tiny_config
 from gemma_jax.convert.gguf import (ARCH_FIELDS, _Metadata, config_from_metadata, dequantize_tensor, read_gguf,
-                                    same_architecture)
+                                    read_gguf_tokenizer, same_architecture)
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.params import param_shapes
@@ -227,6 +227,7 @@ def test_synthetic_roundtrip(tmp_path, family, tiny_tokenizer_proto, tiny_tokeni
                "<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n", "ünknown ★ chars"]:
     assert tok.encode(text) == tiny_tokenizer.encode(text), text
   assert tok.encode("<start_of_turn>") == [tiny_tokenizer.special.start_of_turn]
+  assert read_gguf_tokenizer(tmp_path / "m.gguf") == tok
 
 
 def test_quantized_and_half_tensors(tmp_path):
@@ -341,6 +342,9 @@ def test_missing_extra_and_misshapen_tensors(tmp_path):
   write_gemma_gguf(tmp_path / "c.gguf", config, params, extra={"blk.1.ffn_down.weight": np.zeros((8, 4))})
   with pytest.raises(CheckpointError, match=r"c\.gguf: tensor 'blk.1.ffn_down.weight' has shape \[8, 4\]"):
     read_gguf(tmp_path / "c.gguf", progress=False)
+  write_gemma_gguf(tmp_path / "d.gguf", config, params, extra={"output_norm.weight": np.full(48, np.nan)})
+  with pytest.raises(CheckpointError, match=r"d\.gguf: tensor 'output_norm.weight' holds NaN"):
+    read_gguf(tmp_path / "d.gguf", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
     if t is None:
       raise CheckpointError(f"{path}: tensor {name!r} is missing (the config from the metadata needs it)")
     w = dequantize_tensor(t, path)
+    if not np.isfinite(w).all():
+      raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is corrupt")
     if w.shape != shape:
       raise CheckpointError(f"{path}: tensor {name!r} has shape {list(w.shape)}, but the config from the "
                             f"metadata needs {list(shape)}; the file is inconsistent")
@@ -121,6 +123,15 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
   return Imported(config=config, params=params, tokenizer=tokenizer,
                   chat_template=meta.get("tokenizer.chat_template"), kind=kind,
                   source={k: v for k, v in source.items() if v is not None})
+
+
+def read_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+  """Only the tokenizer of a GGUF file (no tensor is dequantized)."""
+  path = os.fspath(path)
+  meta = _Metadata(_open(path), path)
+  if "tokenizer.ggml.tokens" not in meta:
+    raise CheckpointError(f"{path}: the GGUF file carries no tokenizer (tokenizer.ggml.tokens)")
+  return tokenizer_from_gguf(meta)
 
 
 # ---------------------------------------------------------------------------------------------------------
