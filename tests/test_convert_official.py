@@ -89,6 +89,26 @@ def test_flat_layout(tmp_path, case, gating):
   np.testing.assert_array_equal(ours, ref)
 
 
+def test_released_flat_layout_built_by_hand_without_ocdbt(tmp_path):
+  """The flat tree assembled key by key (as GEMMA.md 3 lists it), saved in orbax's older per-array format."""
+  config = _config("gemma1")
+  params = _params(config, seed=5)
+  flat = {"transformer/embedder": params["embedder"], "transformer/final_norm": params["final_norm"]}
+  for i in range(config.num_layers):
+    layer, pre = params[f"layer_{i}"], f"transformer/layer_{i}"
+    for name, leaf in layer["attn"].items():
+      flat[f"{pre}/attn/{name}"] = leaf  # {"w": ...}
+    flat[f"{pre}/mlp/gating_einsum"] = {"w": np.ascontiguousarray(layer["mlp"]["gating_einsum"].transpose(0, 2, 1))}
+    flat[f"{pre}/mlp/linear"] = {"w": layer["mlp"]["linear"]}
+    for norm in ("pre_attention_norm", "pre_ffw_norm"):
+      flat[f"{pre}/{norm}"] = layer[norm]
+  assert "transformer/layer_0/attn/qkv_einsum" in flat
+  ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)).save(str(tmp_path / "2b"), flat)
+  imp = read_official(tmp_path / "2b", preset=config)
+  assert imp.source["layout"] == "flat" and imp.source["gating_layout"] == "DF"
+  _assert_same(imp.params, params)
+
+
 @pytest.mark.parametrize("case,transformer_level", [("gemma1", True), ("gemma2", False), ("gemma3", True)])
 def test_nested_layout(tmp_path, case, transformer_level):
   config = _config(case)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -117,12 +117,11 @@ def restore_tree(path: str, dtype: str | None = None) -> dict[str, Any]:
   target = None if dtype is None else np.dtype(_jnp_dtype(dtype))
   ckptr = ocp.PyTreeCheckpointer()
   try:
-    meta = ckptr.metadata(path)
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
-    if tree is None and hasattr(meta, "item_metadata"):
-      tree = meta.item_metadata
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=target), dict(tree))
-    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    args = _restore_args(ckptr.metadata(path), lambda: ocp.RestoreArgs(restore_type=np.ndarray, dtype=target))
+    if args is None:  # metadata in a form we do not know: plain restore, cast afterwards
+      restored = jax.tree.map(lambda x: np.asarray(x, dtype=target), ckptr.restore(path))
+    else:
+      restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
   except CheckpointError:
     raise
   except Exception as e:  # orbax raises many types (FileNotFoundError, ValueError, tensorstore errors)
@@ -132,6 +131,19 @@ def restore_tree(path: str, dtype: str | None = None) -> dict[str, Any]:
   if not isinstance(restored, dict):
     raise CheckpointError(f"{path}: the orbax tree is a {type(restored).__name__}, not a dict of parameters")
   return restored
+
+
+def _restore_args(meta: Any, make: Callable[[], Any]) -> dict[str, Any] | None:
+  """One RestoreArgs per leaf of orbax's metadata tree (whose form varies across orbax versions)."""
+  tree = meta
+  for attr in ("item_metadata", "tree"):
+    tree = getattr(tree, attr, tree)
+  if not isinstance(tree, Mapping):
+    return None
+
+  def walk(node):
+    return {k: walk(v) if isinstance(v, Mapping) else make() for k, v in node.items()}
+  return walk(tree)
 
 
 def _jnp_dtype(dtype: str):
