@@ -5,7 +5,9 @@ A checkpoint is a directory:
     <path>/metadata.json     format version, model config, family/preset, kind (pt/it), chat template,
                              provenance (gemma_jax version, what it was converted from), param dtype and count,
                              every tensor's shape and dtype
-    <path>/params/           the parameter tree (orbax; restored shard by shard onto a mesh)
+    <path>/params/<group>/   the parameter tree, one orbax checkpoint per top-level group (embedder,
+                             layer_0, ..., final_norm), so saving stages at most one group's host copy;
+                             restored shard by shard onto a mesh
     <path>/tokenizer.model   the SentencePiece model, when there is one
     <path>/COMPLETE          written last: a directory without it is never loaded
 
@@ -40,6 +42,8 @@ PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
 COMPLETE_FILE = "COMPLETE"
 KINDS = ("pt", "it")
+# zstd in orbax costs a second staging buffer per array and ~3x the save time for little gain on weights.
+COMPRESS = False
 
 Kind = Literal["pt", "it"]
 Params = dict[str, Any]
@@ -244,8 +248,11 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
     os.makedirs(tmp)
   _sync(f"gemma_jax_save_mkdir:{tmp}")
   try:
-    ckptr = ocp.PyTreeCheckpointer()
-    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=COMPRESS))
+    for group in sorted(params):
+      # One orbax item per top-level group: orbax stages a host copy of what it writes, so this bounds the
+      # extra memory by the largest group (measured in benchmarks/convert_memory.py).
+      ckptr.save(os.path.join(tmp, PARAMS_DIR, group), args=ocp.args.PyTreeSave(params[group]))
     if _is_primary():
       if tokenizer is not None:
         _fsync_write(os.path.join(tmp, TOKENIZER_FILE), tokenizer.model_proto)
@@ -319,12 +326,12 @@ def _as_context(sharding) -> ShardingContext | None:
 
 
 def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Mesh | None = None,
-         dtype: str | None = None) -> Checkpoint:
+         mesh: jax.sharding.Mesh | None = None, dtype: str | None = None) -> Checkpoint:
   """Reads a checkpoint written by `save`.
 
-  sharding: a ShardingContext (or a Mesh): each device restores only its shard of every parameter, placed
-  by `param_shardings(config, ctx)`; None: the parameters land on the first local device. dtype: cast the
-  parameters on restore ("float32", "bfloat16", ...); the returned config's param_dtype follows.
+  sharding: a ShardingContext (or a Mesh; `mesh=` says the same): each device restores only its shard of
+  every parameter, placed by `param_shardings(config, ctx)`; None: the parameters land on the first local
+  device. dtype: cast the parameters on restore ("float32", "bfloat16", ...); the config's param_dtype follows.
   """
   import orbax.checkpoint as ocp
   from gemma_jax.model.params import param_shapes, param_shardings
@@ -352,6 +359,10 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
       raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(saved[name]['shape'])} but the config "
                             f"implies {tuple(s.shape)}")
 
+  if mesh is not None:
+    if sharding is not None:
+      raise TypeError("load: pass either sharding= or mesh=, not both")
+    sharding = mesh
   ctx = _as_context(sharding)
   if ctx is not None:
     shardings = param_shardings(config, ctx)
@@ -365,10 +376,16 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
   params_dir = os.path.join(path, PARAMS_DIR)
   if not os.path.isdir(params_dir):
     raise CheckpointError(f"{path}: the {PARAMS_DIR}/ directory is missing; the checkpoint is damaged")
-  try:
-    params = ocp.PyTreeCheckpointer().restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  except (FileNotFoundError, ValueError) as e:
-    raise CheckpointError(f"{params_dir}: cannot restore the parameters ({str(e).splitlines()[0]})") from None
+  ckptr = ocp.PyTreeCheckpointer()
+  params = {}
+  for group in sorted(restore_args):
+    try:
+      params[group] = ckptr.restore(os.path.join(params_dir, group),
+                                    args=ocp.args.PyTreeRestore(restore_args=restore_args[group]))
+    except (FileNotFoundError, ValueError) as e:
+      raise CheckpointError(f"{params_dir}/{group}: cannot restore the parameters "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); the checkpoint is "
+                            "damaged") from None
 
   tokenizer = None
   if metadata.get("tokenizer"):

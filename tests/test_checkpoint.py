@@ -104,8 +104,9 @@ def test_sharded_restore_each_device_holds_its_shard(tmp_path, g3):
     assert got.sharding == sh
   _assert_bitwise(params, _np_tree(ck.params))
   # a Mesh is accepted too
-  ck2 = checkpoint.load(tmp_path / "c", sharding=ctx.mesh)
-  assert ck2.params["embedder"]["input_embedding"].sharding == want["embedder"]["input_embedding"]
+  for kw in ({"sharding": ctx.mesh}, {"mesh": ctx.mesh}):
+    ck2 = checkpoint.load(tmp_path / "c", **kw)
+    assert ck2.params["embedder"]["input_embedding"].sharding == want["embedder"]["input_embedding"]
 
 
 def test_save_from_sharded_arrays(tmp_path):
@@ -124,13 +125,13 @@ def test_save_from_sharded_arrays(tmp_path):
 
 def _fail_in_orbax(monkeypatch, exc=RuntimeError("disk on fire")):
   import orbax.checkpoint as ocp
-  real = ocp.PyTreeCheckpointer.save
+  real = ocp.Checkpointer.save
 
   def save(self, directory, *a, **kw):
     real(self, directory, *a, **kw)  # the parameters are written, then the "crash"
     raise exc
 
-  monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", save)
+  monkeypatch.setattr(ocp.Checkpointer, "save", save)
 
 
 def test_crash_mid_save_leaves_nothing(tmp_path, g3, monkeypatch):

@@ -80,12 +80,12 @@ def sources(model, tmp_path_factory):
   checkpoint.save(d / "native", config=config, params=params, tokenizer=tok, kind="it",
                   template={"name": "gemma"})
   write_hf(str(d / "hf"), config, params, tokenizer=tok, progress=False)
-  try:  # TEMPORARY until official.py lands
-    from gemma_jax.convert.official import write_official
-    write_official(str(d / "official"), config, params)
-  except ImportError:
-    return {"native": str(d / "native"), "hf": str(d / "hf")}
-  return {"native": str(d / "native"), "hf": str(d / "hf"), "official": str(d / "official")}
+  from gemma_jax.convert.official import write_official
+  (d / "off").mkdir()
+  write_official(str(d / "off" / "official"), config, params, tokenizer=tok)  # tokenizer.model beside it
+  (d / "config.json").write_text(json.dumps(config.to_dict()))  # no preset: the shapes cannot say it all
+  return {"native": str(d / "native"), "hf": str(d / "hf"), "official": str(d / "off" / "official"),
+          "config_json": str(d / "config.json")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,13 +93,14 @@ def sources(model, tmp_path_factory):
 
 
 def test_detect_format(sources, tmp_path):
-  for fmt, path in sources.items():
-    assert detect_format(path) == fmt
+  for fmt in ("native", "hf", "official"):
+    assert detect_format(sources[fmt]) == fmt
   gguf = tmp_path / "x.gguf"
   gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
   assert detect_format(gguf) == "gguf"
-  with pytest.raises(CheckpointError, match="parameter folder of a gemma_jax checkpoint; pass its parent"):
-    detect_format(os.path.join(sources["native"], "params"))
+  for inner in ("params", "params/layer_0"):
+    with pytest.raises(CheckpointError, match="is inside a gemma_jax checkpoint; pass the checkpoint directory"):
+      detect_format(os.path.join(sources["native"], inner))
   (tmp_path / "g").mkdir()
   (tmp_path / "g" / "m.gguf").write_bytes(b"GGUF")
   with pytest.raises(CheckpointError, match=r"pass the file itself, e.g. --src=.*g/m.gguf"):
@@ -129,18 +130,16 @@ def _read_dst(path: str, dst_format: str):
 @pytest.mark.parametrize("dst_format", ["native", "hf"])
 def test_convert_end_to_end(model, sources, tmp_path, src_format, dst_format):
   config, params, tok = model
-  if src_format not in sources:
-    pytest.skip("TEMPORARY")
   dst = str(tmp_path / "out")
-  r = run_cli(f"--src={sources[src_format]}", f"--dst={dst}", f"--dst_format={dst_format}")
+  extra = [f"--config_json={sources['config_json']}"] if src_format == "official" else []
+  r = run_cli(f"--src={sources[src_format]}", f"--dst={dst}", f"--dst_format={dst_format}", *extra)
   assert r.returncode == 0, r.stderr
   assert f"wrote {dst} ({dst_format}, from {src_format})" in r.stderr
   assert _leftovers(dst) == ["out"]
   got_config, got_params, got = _read_dst(dst, dst_format)
   assert_bitwise(params, got_params)
   assert got_config.to_dict() == {**config.to_dict(), "preset": got_config.preset}
-  if src_format != "official":  # the official layout carries no tokenizer
-    assert got.tokenizer == tok
+  assert got.tokenizer == tok
   if dst_format == "native":
     md = got.metadata
     assert md["provenance"]["converted_from"]["format"] == src_format
@@ -148,11 +147,9 @@ def test_convert_end_to_end(model, sources, tmp_path, src_format, dst_format):
     assert got.template == {"name": "gemma"}  # saved one kept (native), else Gemma 2's (auto)
     assert got.kind == ("it" if src_format == "native" else None)
   else:
-    tc = json.load(open(os.path.join(dst, "tokenizer_config.json"))) if src_format != "official" else None
-    if tc is not None:
-      from gemma_jax.templates import HF_CHAT_TEMPLATES
-      want = HF_CHAT_TEMPLATES["gemma"]
-      assert tc["chat_template"] == want
+    from gemma_jax.templates import HF_CHAT_TEMPLATES
+    tc = json.load(open(os.path.join(dst, "tokenizer_config.json")))
+    assert tc["chat_template"] == HF_CHAT_TEMPLATES["gemma"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -276,6 +273,7 @@ def _bad_inputs(sources, root, gguf_path):
   open(f"{root}/pickle/pytorch_model.bin", "wb").write(pickle.dumps(Boom()))
   cases["pickle_only_dir"] = (f"{root}/pickle", "pickle-based weights (pytorch_model.bin) are refused")
   cases["pickle_file"] = (f"{root}/pickle/pytorch_model.bin", "are refused")
+  cases["official_without_preset"] = (sources["official"], "preset")  # a tiny model: no preset matches
   return cases
 
 
@@ -300,7 +298,7 @@ def bad_results(sources, tmp_path_factory, real_gguf_path):
 
 BAD = ["not_a_checkpoint", "missing_path", "missing_tensor", "extra_tensor", "wrong_shape", "config_contradiction",
        "truncated_safetensors", "corrupt_safetensors", "truncated_gguf", "truncated_gguf_header", "llama_dir",
-       "pickle_only_dir", "pickle_file"]
+       "pickle_only_dir", "pickle_file", "official_without_preset"]
 
 
 BOTH_DST = ["missing_tensor", "truncated_safetensors", "truncated_gguf", "pickle_only_dir"]
@@ -337,10 +335,10 @@ def test_interrupt_leaves_nothing(sources, tmp_path):
   import time
   dst = str(tmp_path / "out")
   code = ("import time, orbax.checkpoint as ocp\n"
-          "real = ocp.PyTreeCheckpointer.save\n"
+          "real = ocp.Checkpointer.save\n"
           "def slow(self, *a, **k):\n"
           "  real(self, *a, **k); open(%r, 'w').close(); time.sleep(60)\n"
-          "ocp.PyTreeCheckpointer.save = slow\n"
+          "ocp.Checkpointer.save = slow\n"
           "import sys; sys.argv = ['convert', '--src=%s', '--dst=%s']\n"
           "from absl import app; from gemma_jax.convert.__main__ import main; app.run(main)\n"
           ) % (str(tmp_path / "written"), sources["hf"], dst)

@@ -1,7 +1,7 @@
 """Converts any Gemma checkpoint we read into our format or into a transformers (HF) directory.
 
     python -m gemma_jax.convert --src=PATH --dst=PATH [--dst_format=native|hf] [--dtype=float32|bfloat16]
-        [--kind=pt|it] [--template=auto|none|<name>] [--overwrite]
+        [--kind=pt|it] [--template=auto|none|<name>] [--overwrite] [--preset=NAME | --config_json=FILE]
 
 The source format is detected (`detect.py`): our checkpoint, a transformers Gemma directory, an official
 Flax checkpoint or a GGUF file. The destination is written atomically: a failure or Ctrl-C leaves nothing
@@ -10,6 +10,7 @@ at `--dst`. User errors print one line `error: ...` and exit with status 1.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from gemma_jax.errors import UserError, run_main
+from gemma_jax.model.config import TransformerConfig
 
 DST_FORMATS = ("native", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -32,6 +34,10 @@ _KIND = flags.DEFINE_string("kind", None, "pt (pretrained) or it (instruction-tu
                             "says.")
 _TEMPLATE = flags.DEFINE_string("template", "auto", "Chat template saved with a native checkpoint: auto (the "
                                 "source's, else the family's), none, or a template name.")
+_PRESET = flags.DEFINE_string("preset", None, "Official Flax sources only: the model's preset (e.g. gemma2-2b) "
+                              "when the shapes alone do not pin it down.")
+_CONFIG_JSON = flags.DEFINE_string("config_json", None, "Official Flax sources only: a JSON file of the model "
+                                   "config (TransformerConfig.to_dict()), for models that are no preset.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --dst.")
 
 
@@ -44,7 +50,7 @@ def _choice(name: str, value: str | None, choices: tuple[str, ...]) -> None:
     raise UserError(f"--{name}={value}: use one of {', '.join(choices)}")
 
 
-def _read(fmt: str, src: str, dtype: str | None):
+def _read(fmt: str, src: str, dtype: str | None, preset=None):
   """Reads `src` into an `Imported`; native sources also return their saved template dict."""
   from gemma_jax.convert.common import Imported
   if fmt == "native":
@@ -59,7 +65,7 @@ def _read(fmt: str, src: str, dtype: str | None):
     return read_hf(src, dtype=dtype), None
   if fmt == "official":
     from gemma_jax.convert.official import read_official
-    return read_official(src, dtype=dtype), None
+    return read_official(src, dtype=dtype, preset=preset), None
   if fmt == "gguf":
     from gemma_jax.convert.gguf import read_gguf
     return read_gguf(src, dtype=dtype or "float32"), None
@@ -125,8 +131,12 @@ def _write_hf_atomically(dst: str, imported, chat_template, dtype: str | None) -
 
 
 def convert(*, src: str, dst: str, dst_format: str = "native", dtype: str | None = None,
-            kind: str | None = None, template: str = "auto", overwrite: bool = False) -> str:
-  """Reads `src` (any format we read) and writes `dst` (native or hf); returns the source format."""
+            kind: str | None = None, template: str = "auto", overwrite: bool = False,
+            preset: str | TransformerConfig | None = None) -> str:
+  """Reads `src` (any format we read) and writes `dst` (native or hf); returns the source format.
+
+  preset: for official Flax sources, the preset name or config when the shapes do not pin the model down.
+  """
   from gemma_jax.convert.detect import detect_format
   _choice("dst_format", dst_format, DST_FORMATS)
   _choice("dtype", dtype, DTYPES)
@@ -136,8 +146,10 @@ def convert(*, src: str, dst: str, dst_format: str = "native", dtype: str | None
     raise UserError(f"--src and --dst are the same path ({src}); write to a new path")
   _check_dst(dst, dst_format, overwrite)
   fmt = detect_format(src)
+  if preset is not None and fmt != "official":
+    raise UserError(f"--preset/--config_json apply to official Flax sources only; {src} is {fmt}")
   _say(f"reading {src} ({fmt})")
-  imported, saved_template = _read(fmt, src, dtype)
+  imported, saved_template = _read(fmt, src, dtype, preset)
   kind = kind or imported.kind
   tmpl = _template_dict(template, imported, saved_template)
 
@@ -157,6 +169,19 @@ def convert(*, src: str, dst: str, dst_format: str = "native", dtype: str | None
   return fmt
 
 
+def _config_from_json(path: str) -> TransformerConfig:
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except OSError as e:
+    raise UserError(f"--config_json={path}: cannot read ({e.strerror})") from None
+  except ValueError as e:
+    raise UserError(f"--config_json={path}: not valid JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise UserError(f"--config_json={path}: expected a JSON object of TransformerConfig fields")
+  return TransformerConfig.from_dict(d)
+
+
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -165,9 +190,14 @@ def _main(argv):
   if not _SRC.value or not _DST.value:
     raise UserError("both --src=PATH and --dst=PATH are required, e.g. "
                     "python -m gemma_jax.convert --src=gemma-3-270m --dst=gemma-3-270m-jax")
+  preset = _PRESET.value
+  if _CONFIG_JSON.value:
+    if preset:
+      raise UserError("pass either --preset or --config_json, not both")
+    preset = _config_from_json(_CONFIG_JSON.value)
   try:
     fmt = convert(src=_SRC.value, dst=_DST.value, dst_format=_DST_FORMAT.value, dtype=_DTYPE.value,
-                  kind=_KIND.value, template=_TEMPLATE.value, overwrite=_OVERWRITE.value)
+                  kind=_KIND.value, template=_TEMPLATE.value, overwrite=_OVERWRITE.value, preset=preset)
   except KeyboardInterrupt:
     print(f"error: interrupted; nothing was written to {_DST.value}", file=sys.stderr, flush=True)
     raise SystemExit(130)

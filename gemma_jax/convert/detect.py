@@ -116,11 +116,11 @@ def detect_format(path: str | os.PathLike) -> Format:
   if pickles:
     raise _pickle_error(path, pickles)
 
+  inner = os.path.dirname(os.path.normpath(path))
+  for parent in (inner, os.path.dirname(inner)):  # <ckpt>/params or <ckpt>/params/<group>
+    if _looks_native(parent):
+      raise CheckpointError(f"{path} is inside a gemma_jax checkpoint; pass the checkpoint directory {parent}")
   if any(m in files for m in ORBAX_MARKERS):
-    parent = os.path.dirname(os.path.normpath(path))
-    if os.path.basename(os.path.normpath(path)) == "params" and _looks_native(parent):
-      raise CheckpointError(f"{path} is the parameter folder of a gemma_jax checkpoint; pass its parent "
-                            f"directory {parent}")
     return "official"
 
   ggufs = sorted(f for f in files if f.lower().endswith(".gguf"))
