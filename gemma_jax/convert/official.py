@@ -59,11 +59,12 @@ def read_official(path: str | os.PathLike, dtype: str | None = None, *,
       config = config.replace(dtype=stored, param_dtype=stored)
   else:
     config = config.replace(dtype=dtype, param_dtype=dtype)
-  params = _build_params(flat, config, path, gating_layout)
+  gating = _gating_layout(flat, config, path, gating_layout)
+  params = _build_params(flat, config, path, gating)  # consumes `flat`: one copy of the weights at a time
 
   tok = _find_tokenizer(path, tokenizer)
   source = {"format": "official", "path": os.path.abspath(path), "layout": layout,
-            "gating_layout": _gating_layout(flat, config, path, gating_layout)}
+            "gating_layout": gating}
   if isinstance(tok, tuple):
     tok, source["tokenizer"] = tok
   kind, kind_from = _kind(path)
@@ -295,21 +296,20 @@ def _check_shapes(flat: dict[str, Any], config: TransformerConfig, path: str) ->
       raise CheckpointError(f"{path}: parameter {k!r} has shape {list(got)}; the config needs {list(shape)}")
 
 
-def _build_params(flat: dict[str, Any], config: TransformerConfig, path: str, gating_layout: str | None
+def _build_params(flat: dict[str, Any], config: TransformerConfig, path: str, gating_layout: str
                   ) -> dict[str, Any]:
-  layout = _gating_layout(flat, config, path, gating_layout)
-  flat = dict(flat)
-  if layout == "DF":
+  """Our nested tree from the normalized names, emptying `flat` as it goes (gating_layout: "FD" or "DF")."""
+  if gating_layout == "DF":
     for k in [k for k in flat if k.endswith("mlp/gating_einsum")]:
-      flat[k] = np.ascontiguousarray(np.asarray(flat[k]).transpose(0, 2, 1))
+      flat[k] = np.asarray(flat[k]).transpose(0, 2, 1)  # [2, D, F] -> [2, F, D], a view: no copy
   _check_shapes(flat, config, path)
   params: dict[str, Any] = {}
-  for key, value in flat.items():
+  for key in sorted(flat):
     *parents, leaf = key.split("/")
     node = params
     for p in parents:
       node = node.setdefault(p, {})
-    node[leaf] = np.asarray(value)
+    node[leaf] = np.asarray(flat.pop(key))
   return params
 
 
