@@ -62,11 +62,11 @@ def read_official(path: str | os.PathLike, dtype: str | None = None, *,
   gating = _gating_layout(flat, config, path, gating_layout)
   params = _build_params(flat, config, path, gating)  # consumes `flat`: one copy of the weights at a time
 
-  tok = _find_tokenizer(path, tokenizer)
+  tok, tok_path = _find_tokenizer(path, tokenizer)
   source = {"format": "official", "path": os.path.abspath(path), "layout": layout,
             "gating_layout": gating}
-  if isinstance(tok, tuple):
-    tok, source["tokenizer"] = tok
+  if tok_path is not None:
+    source["tokenizer"] = tok_path
   kind, kind_from = _kind(path)
   if kind is not None:
     source["kind_from"] = kind_from
@@ -316,9 +316,10 @@ def _build_params(flat: dict[str, Any], config: TransformerConfig, path: str, ga
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer and kind
 
-def _find_tokenizer(path: str, given) -> tuple[Tokenizer, str] | Tokenizer | None:
+def _find_tokenizer(path: str, given) -> tuple[Tokenizer | None, str | None]:
+  """(tokenizer, the file it came from): `given`, else a tokenizer.model in or beside the directory."""
   if isinstance(given, Tokenizer):
-    return given
+    return given, None
   if given is not None:
     return Tokenizer(given), os.path.abspath(os.fspath(given))
   here = os.path.abspath(path)
@@ -326,7 +327,7 @@ def _find_tokenizer(path: str, given) -> tuple[Tokenizer, str] | Tokenizer | Non
     p = os.path.join(d, "tokenizer.model")
     if os.path.isfile(p):
       return Tokenizer(p), p
-  return None
+  return None, None
 
 
 def _kind(path: str) -> tuple[str | None, str]:
