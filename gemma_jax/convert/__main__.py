@@ -164,8 +164,8 @@ def convert(*, src: str, dst: str, dst_format: str = "native", dtype: str | None
   else:
     _write_hf_atomically(dst, imported, _chat_template_text(tmpl, imported), dtype)
   if kind is None and dst_format == "native":
-    logging.warning("the source does not say whether it is pretrained or instruction-tuned; pass --kind=pt|it "
-                    "so samplers know")
+    _say("warning: the source does not say whether it is pretrained or instruction-tuned; pass --kind=pt|it "
+         "so that samplers know (the checkpoint's kind is left unknown)")
   return fmt
 
 
