@@ -301,7 +301,7 @@ BAD = ["not_a_checkpoint", "missing_path", "missing_tensor", "extra_tensor", "wr
        "pickle_only_dir", "pickle_file", "official_without_preset"]
 
 
-BOTH_DST = ["missing_tensor", "truncated_safetensors", "truncated_gguf", "pickle_only_dir"]
+BOTH_DST = ["missing_tensor", "truncated_safetensors", "pickle_only_dir"]
 
 
 @pytest.mark.parametrize("case,dst_format", [(c, "native") for c in BAD] + [(c, "hf") for c in BOTH_DST])
