@@ -17,7 +17,7 @@ from absl import logging
 
 NAME = "gemma3-270m-pt"
 # Bump when the conversion changes (GGUF reader fixes, metadata): cached copies with another value are redone.
-CONVERSION = 1
+CONVERSION = 2
 
 
 def cache_dir() -> str:
