@@ -6,7 +6,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
