@@ -147,3 +147,35 @@ def test_config_errors_are_one_line(ws, tmp_path):
     train(run_config(ws, objective="kto"), str(tmp_path / "d"))
   with pytest.raises(ConfigError, match="multiple of grad_accum"):
     train(run_config(ws, grad_accum=3), str(tmp_path / "e"))
+
+
+def write_sft(path, n, seed=0):
+  import json
+  from training_helpers import WORDS
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      f.write(json.dumps({"prompt": " ".join(rng.choice(WORDS, 3)), "completion": " ".join(rng.choice(WORDS, 4))})
+              + "\n")
+  return path
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "simpo"])
+def test_other_objectives_train(ws, tmp_path, objective):
+  """Two steps of each objective through the loop; DPO's first loss is ln 2 (policy == frozen reference)."""
+  over = {"objective": objective, "num_steps": 2, "checkpoint.every": 100, "data.eval": "",
+          "optim.warmup": 0.0}
+  if objective == "sft":
+    over.update({"data.train": write_sft(str(tmp_path / "sft.jsonl"), 24), "batch_size": 8})
+  result = train(run_config(ws, **over), str(tmp_path / "run"))
+  rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+  assert [r["step"] for r in rows] == [1, 2] and result.final_dir is not None
+  assert all(np.isfinite(r["loss"]) and r["nonfinite"] == 0 for r in rows)
+  if objective == "dpo":
+    assert rows[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-6)
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # two passes, f32 rounding
+    assert rows[1]["rewards/margins"] != 0.0  # the policy moved away from the reference
+  elif objective == "sft":
+    assert rows[0]["loss"] == pytest.approx(rows[0]["nll_loss"])
+  else:
+    assert "rewards/accuracies" in rows[0]

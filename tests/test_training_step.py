@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
 from gemma_jax.model import ShardingContext, Transformer, init_params, make_mesh, param_shardings

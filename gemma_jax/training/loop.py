@@ -24,13 +24,13 @@ import math
 import os
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from gemma_jax import checkpoint as ckpt_lib
 from gemma_jax.errors import ConfigError, UserError
