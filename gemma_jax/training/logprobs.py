@@ -143,9 +143,10 @@ def _chunked_fwd(cap, save_logits, h, y, m, e):
 def _chunked_bwd(cap, save_logits, res, cts):
   h, y, lse, saved, e = res
   g, _ = cts  # the logit sums are metrics: their cotangent is dropped (they are stop_gradient'ed above)
+  _, r, c, d = h.shape
   vocab = e.shape[0]
 
-  def body(de, xs):
+  def body(de_t, xs):
     hc, yc, lsec, gc, saved_logits = xs
     logits = saved_logits if save_logits else _chunk_logits(hc, e, cap)
     p = jnp.exp(logits - lsec[..., None])
@@ -153,14 +154,17 @@ def _chunked_bwd(cap, save_logits, res, cts):
     dlogits = gc[..., None] * (onehot.astype(jnp.float32) - p)  # d logp / d capped logits
     if cap is not None:
       dlogits = dlogits * (1.0 - jnp.square(logits / cap))  # d(cap tanh(z / cap)) / dz
-    dlogits = dlogits.astype(hc.dtype)
-    dh = jnp.einsum("RCV,VD->RCD", dlogits, e.astype(hc.dtype), preferred_element_type=jnp.float32)
-    de = de + jnp.einsum("RCV,RCD->VD", dlogits, hc, preferred_element_type=jnp.float32)
-    return de, dh.astype(hc.dtype)
+    # Flat [N, V] / [N, D] operands so both products are plain GEMMs; the embedding gradient accumulates
+    # transposed ([D, V]: h^T @ dlogits needs no copy of the [N, V] operand) and is transposed once at the end.
+    dlogits = dlogits.astype(hc.dtype).reshape(r * c, vocab)
+    h2 = hc.reshape(r * c, d)
+    dh = jnp.dot(dlogits, e.astype(hc.dtype), preferred_element_type=jnp.float32)
+    de_t = de_t + jnp.dot(h2.T, dlogits, preferred_element_type=jnp.float32)
+    return de_t, dh.reshape(r, c, d).astype(hc.dtype)
 
-  de0 = jnp.zeros((vocab, e.shape[1]), jnp.float32)
-  de, dh = jax.lax.scan(body, de0, (h, y, lse, g, saved))
-  return dh, None, None, de.astype(e.dtype)
+  de0 = jnp.zeros((d, vocab), jnp.float32)
+  de_t, dh = jax.lax.scan(body, de0, (h, y, lse, g, saved))
+  return dh, None, None, de_t.T.astype(e.dtype)
 
 
 _chunked_logprobs.defvjp(_chunked_fwd, _chunked_bwd)
