@@ -57,3 +57,22 @@ def test_two_processes_match_one(tiny_tokenizer, tmp_path):
   p2 = checkpoint.load(os.path.join(two, "final")).params
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+
+
+def test_initialize_arguments(monkeypatch):
+  """Partial multi-host settings are a one-line error; a plain single process initializes nothing."""
+  import pytest
+  from gemma_jax.errors import ConfigError
+  from gemma_jax.training import distributed
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", *distributed._CLUSTER_ENV):
+    monkeypatch.delenv(k, raising=False)
+  monkeypatch.setattr(distributed, "_initialized", False)
+  with pytest.raises(ConfigError, match="num_processes, process_id not given"):
+    distributed.initialize("localhost:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_PROCESS_ID", "2")
+  with pytest.raises(ConfigError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
+    distributed.initialize("localhost:1234")
+  monkeypatch.delenv("JAX_NUM_PROCESSES")
+  monkeypatch.delenv("JAX_PROCESS_ID")
+  assert distributed.initialize() is False and jax.process_count() == 1
