@@ -7,3 +7,4 @@ from gemma_jax.model import (AttentionType, ShardingContext, Transformer, Transf
                              init_params, logits_from_hidden, make_mesh, param_axes, param_shardings,
                              parse_mesh_spec, preset_names)
 from gemma_jax.tokenizer import Tokenizer
+from gemma_jax.checkpoint import Checkpoint, load, save
