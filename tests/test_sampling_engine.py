@@ -114,6 +114,9 @@ def test_compilations_are_bucketed(g3):
   g3.generate([[2, 5, 6], [2, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]], max_new_tokens=40, stop_ids=(1, 106))
   g3.generate([[2, 5, 6, 7], [2]], max_new_tokens=20,
               sampling=dataclasses.replace(SAMPLE, temperature=0.7, top_p=0.5, seed=3))
+  # a new Sampler of the same model (the training loop makes one per evaluation) reuses the compiled code
+  Sampler(g3.config, g3.params, g3.tokenizer, prefill_chunk=16, min_cache=128).generate(
+      [[2, 5, 6, 7, 8], [2, 9]], max_new_tokens=9, stop_ids=())
   assert dict(engine.TRACE_COUNTS) == before
   g3.generate([[2] + [5] * 40, [2, 3]], max_new_tokens=3, stop_ids=())  # 48 = 3 chunks of 16
   g3.generate([[2] + [5] * 20, [2, 3]], max_new_tokens=3, stop_ids=())  # 32 = 2 chunks of 16

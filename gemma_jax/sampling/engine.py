@@ -113,55 +113,23 @@ def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
-class Sampler:
-  """Samples from a Gemma model. Holds the params (placed on the mesh when `sharding` is given).
+class _Program:
+  """The jitted functions for one (config, sharding); shared by every Sampler of that model (see `_program`),
+  so a new Sampler (e.g. one per evaluation in a training run) does not compile again."""
 
-  Args:
-    config, params, tokenizer: the model.
-    sharding: a `ShardingContext`; params, batch and cache are then sharded by the rules table.
-    prefill_chunk: longest prompt chunk fed at once (longer prompts are prefilled chunk by chunk).
-    min_cache: smallest cache bucket.
-  """
-
-  def __init__(self, config: TransformerConfig, params: Any, tokenizer: Tokenizer, *,
-               sharding: ShardingContext | None = None, prefill_chunk: int = 512, min_cache: int = 128):
-    self.config = config
-    self.tokenizer = tokenizer
-    self.sharding = sharding
-    self.prefill_chunk = prefill_chunk
-    self.min_cache = min_cache
+  def __init__(self, config: TransformerConfig, sharding: ShardingContext | None):
+    self.config, self.sharding = config, sharding
     self.model = Transformer(config, sharding)
-    if sharding is not None:
-      params = jax.device_put(params, param_shardings(config, sharding))
-    self.params = params
-    self.prefilled_tokens = 0  # real (non-pad) tokens fed by prefill so far: chat tests count these
-    self.last_timing: dict[str, float] = {}
-    self._extend = jax.jit(self._extend_impl, donate_argnames=("cache",))
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=("strategy", "out_len"),
-                            donate_argnames=("cache",))
-    self._decode = jax.jit(self._decode_impl, static_argnames=("strategy",), donate_argnames=("state",))
+    self.extend = jax.jit(self._extend_impl, donate_argnames=("cache",))
+    self.prefill = jax.jit(self._prefill_impl, static_argnames=("strategy", "out_len"), donate_argnames=("cache",))
+    self.decode = jax.jit(self._decode_impl, static_argnames=("strategy",), donate_argnames=("state",))
 
-  # -- sharding helpers ----------------------------------------------------------------------------------
   def _constrain_cache(self, cache):
     if self.sharding is None:
       return cache
     axes = kv_cache.cache_axes(cache)
     return jax.tree.map(lambda a, x: jax.lax.with_sharding_constraint(x, self.sharding.sharding(a, x.shape)),
                         axes, cache, is_leaf=lambda a: isinstance(a, tuple))
-
-  def _put_batch(self, x: np.ndarray) -> jax.Array:
-    if self.sharding is None:
-      return jnp.asarray(x)
-    axes = ("batch",) + (None,) * (x.ndim - 1)
-    return jax.device_put(x, self.sharding.sharding(axes, x.shape))
-
-  def new_cache(self, batch: int, max_len: int) -> kv_cache.Cache:
-    cache = kv_cache.init_cache(self.config, batch, max_len)
-    if self.sharding is not None:
-      cache = jax.device_put(cache, jax.tree.map(
-          lambda a, x: self.sharding.sharding(a, x.shape), kv_cache.cache_axes(cache), cache,
-          is_leaf=lambda a: isinstance(a, tuple)))
-    return cache
 
   # -- jitted pieces -------------------------------------------------------------------------------------
   def _forward(self, params, tokens, positions, mask, cache):
@@ -230,6 +198,53 @@ class Sampler:
           generated=generated, logprobs=jax.lax.dynamic_update_slice(st.logprobs, lp, (0, st.step)))
 
     return jax.lax.while_loop(cond, body, state)
+
+
+@functools.lru_cache(maxsize=8)
+def _program(config: TransformerConfig, sharding: ShardingContext | None) -> _Program:
+  return _Program(config, sharding)
+
+
+class Sampler:
+  """Samples from a Gemma model. Holds the params (placed on the mesh when `sharding` is given).
+
+  Args:
+    config, params, tokenizer: the model.
+    sharding: a `ShardingContext`; params, batch and cache are then sharded by the rules table.
+    prefill_chunk: longest prompt chunk fed at once (longer prompts are prefilled chunk by chunk).
+    min_cache: smallest cache bucket.
+  """
+
+  def __init__(self, config: TransformerConfig, params: Any, tokenizer: Tokenizer, *,
+               sharding: ShardingContext | None = None, prefill_chunk: int = 512, min_cache: int = 128):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.sharding = sharding
+    self.prefill_chunk = prefill_chunk
+    self.min_cache = min_cache
+    program = _program(config, sharding)
+    self.model = program.model
+    if sharding is not None:
+      params = jax.device_put(params, param_shardings(config, sharding))
+    self.params = params
+    self.prefilled_tokens = 0  # real (non-pad) tokens fed by prefill so far: chat tests count these
+    self.last_timing: dict[str, float] = {}
+    self._extend, self._prefill, self._decode = program.extend, program.prefill, program.decode
+
+  # -- sharding helpers ----------------------------------------------------------------------------------
+  def _put_batch(self, x: np.ndarray) -> jax.Array:
+    if self.sharding is None:
+      return jnp.asarray(x)
+    axes = ("batch",) + (None,) * (x.ndim - 1)
+    return jax.device_put(x, self.sharding.sharding(axes, x.shape))
+
+  def new_cache(self, batch: int, max_len: int) -> kv_cache.Cache:
+    cache = kv_cache.init_cache(self.config, batch, max_len)
+    if self.sharding is not None:
+      cache = jax.device_put(cache, jax.tree.map(
+          lambda a, x: self.sharding.sharding(a, x.shape), kv_cache.cache_axes(cache), cache,
+          is_leaf=lambda a: isinstance(a, tuple)))
+    return cache
 
   # -- host side -----------------------------------------------------------------------------------------
   def encode_prompts(self, prompts: Sequence[str | Sequence[int]], add_bos: bool = True) -> list[list[int]]:
