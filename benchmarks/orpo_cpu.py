@@ -11,7 +11,7 @@ backward, AdamW update (lr 5e-6, no weight decay, gradient clipping at 1.0 on bo
 Both read the same weights: the real Gemma 3 270M GGUF (Q4_K_M) dequantized to f32 by `read_gguf`, written as
 an HF checkpoint by `write_hf` for the TRL side (a trainable HF copy: no quantization_config). Both train on
 the same token ids: our tokenizer renders the pairs; the TRL side sees them through a word-level tokenizer
-that maps "w<id>" to <id>, so TRL's own tokenize_row / collator build exactly our rows.
+that maps "w<id>" to <id> (and <pad>, <eos>, <bos>, <unk> to 0-3), so TRL's own tokenize_row / collator build exactly our rows.
 
 Trained tokens per step = the non-padding tokens of the 2B rows. Prints one JSON line per side and the ratio.
 """
@@ -133,12 +133,16 @@ def trl_worker(args) -> None:
   with open(os.path.join(args.work, "pairs.json")) as f:
     spec = json.load(f)
   vocab_size, pairs = spec["vocab_size"], spec["pairs"]
-  vocab = {f"w{i}": i for i in range(vocab_size)}
-  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
+  specials = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0-3; never substrings of the "w<id>" words
+  vocab = {w: i for i, w in enumerate(specials)}
+  vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  processing = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", eos_token="w1", bos_token="w2",
-                                       unk_token="w3")
-  words = lambda ids: " ".join(f"w{i}" for i in ids)
+  processing = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                       bos_token="<bos>", unk_token="<unk>")
+  words = lambda ids: " ".join(specials[i] if i < len(specials) else f"w{i}" for i in ids)
+  check = [int(i) for i in pairs[0][0] + pairs[0][1]]
+  assert processing(words(check), add_special_tokens=False)["input_ids"] == check, "word tokenizer round trip"
   data = Dataset.from_list([{"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)}
                             for p, c, r in pairs])
   model = AutoModelForCausalLM.from_pretrained(os.path.join(args.work, "hf"), dtype=torch.float32,
