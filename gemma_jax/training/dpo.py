@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.training.logprobs import DEFAULT_CHUNK_BYTES, masked_sums, model_logprobs, split_pairs
+from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, masked_sums, model_logprobs, reward_metrics,
+                                         split_pairs)
 
 
 def response_logps(logprobs: jax.Array, target_mask: jax.Array) -> jax.Array:
@@ -82,14 +83,8 @@ def dpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: f
   vocab = params["embedder"]["input_embedding"].shape[0]
   sum_chosen, sum_rejected = split_pairs(out.logit_sums)
   n_chosen, n_rejected = split_pairs(jnp.sum(targets, axis=1).astype(jnp.float32))
-  sg = jax.lax.stop_gradient
   metrics = {
-      "rewards/chosen": jnp.mean(chosen_rewards),
-      "rewards/rejected": jnp.mean(rejected_rewards),
-      "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-      "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-      "logps/chosen": jnp.mean(sg(chosen)),
-      "logps/rejected": jnp.mean(sg(rejected)),
+      **reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected),
       "logits/chosen": jnp.sum(sum_chosen) / (vocab * jnp.maximum(jnp.sum(n_chosen), 1.0)),
       "logits/rejected": jnp.sum(sum_rejected) / (vocab * jnp.maximum(jnp.sum(n_rejected), 1.0)),
   }

@@ -216,3 +216,18 @@ def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """[2B, ...] rows (chosen first, then rejected) -> (chosen [B, ...], rejected [B, ...])."""
   b = x.shape[0] // 2
   return x[:b], x[b:]
+
+
+def reward_metrics(chosen_rewards: jax.Array, rejected_rewards: jax.Array, chosen_logps: jax.Array,
+                   rejected_logps: jax.Array) -> dict[str, jax.Array]:
+  """TRL's rewards/* and logps/* metrics from per-pair rewards and log-probs [B] (no gradient flows)."""
+  sg = jax.lax.stop_gradient
+  chosen_rewards, rejected_rewards = sg(chosen_rewards), sg(rejected_rewards)
+  return {
+      "rewards/chosen": jnp.mean(chosen_rewards),
+      "rewards/rejected": jnp.mean(rejected_rewards),
+      "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+      "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+      "logps/chosen": jnp.mean(sg(chosen_logps)),
+      "logps/rejected": jnp.mean(sg(rejected_logps)),
+  }

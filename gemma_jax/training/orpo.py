@@ -15,7 +15,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.training.logprobs import DEFAULT_CHUNK_BYTES, masked_sums, model_logprobs, split_pairs
+from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, masked_sums, model_logprobs, reward_metrics,
+                                         split_pairs)
 
 LN2 = 0.6931471805599453
 MAX_AVG_LOGP = -1e-7  # a = 0 exactly would make log1mexp(a) = -inf; TRL 1.16 does not clamp (it returns inf/NaN)
@@ -109,12 +110,7 @@ def orpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: 
   logit_chosen, logit_rejected = split_pairs(out.logit_sums)
   denom = b * positions * vocab
   metrics = {
-      "rewards/chosen": jnp.mean(chosen_rewards),
-      "rewards/rejected": jnp.mean(rejected_rewards),
-      "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-      "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-      "logps/chosen": jnp.mean(sg(chosen)),
-      "logps/rejected": jnp.mean(sg(rejected)),
+      **reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected),
       "logits/chosen": jnp.sum(logit_chosen) / denom,
       "logits/rejected": jnp.sum(logit_rejected) / denom,
       "nll_loss": sg(nll),

@@ -12,7 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.training.logprobs import DEFAULT_CHUNK_BYTES, masked_sums, model_logprobs, split_pairs
+from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, masked_sums, model_logprobs, reward_metrics,
+                                         split_pairs)
 from gemma_jax.training.orpo import trl_logit_mask
 
 
@@ -40,18 +41,12 @@ def simpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta:
   sums, counts = masked_sums(out.logprobs, batch["target_mask"].astype(bool) & mask)
   chosen, rejected = split_pairs(sums / jnp.maximum(counts, 1.0))
   losses = simpo_losses(chosen, rejected, beta, gamma, label_smoothing)
-  sg = jax.lax.stop_gradient
-  chosen_rewards, rejected_rewards = beta * sg(chosen), beta * sg(rejected)
+  chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
   b = chosen.shape[0]
   vocab = params["embedder"]["input_embedding"].shape[0]
   logit_chosen, logit_rejected = split_pairs(out.logit_sums)
   metrics = {
-      "rewards/chosen": jnp.mean(chosen_rewards),
-      "rewards/rejected": jnp.mean(rejected_rewards),
-      "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-      "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-      "logps/chosen": jnp.mean(sg(chosen)),
-      "logps/rejected": jnp.mean(sg(rejected)),
+      **reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected),
       "logits/chosen": jnp.sum(logit_chosen) / (b * positions * vocab),
       "logits/rejected": jnp.sum(logit_rejected) / (b * positions * vocab),
   }
