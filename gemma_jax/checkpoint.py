@@ -32,6 +32,7 @@ import numpy as np
 
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import TransformerConfig
+from gemma_jax.model.params import compare_to_config, flatten
 from gemma_jax.model.sharding import ShardingContext
 from gemma_jax.tokenizer import Tokenizer
 
@@ -96,19 +97,6 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
 
-
-def _flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
-  """{'layer_0': {'attn': {'q_einsum': {'w': x}}}} -> {'layer_0/attn/q_einsum/w': x}."""
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, name + "/"))
-    else:
-      out[name] = v
-  return out
-
-
 def _count(tree: Params) -> int:
   return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
 
@@ -119,23 +107,18 @@ def _dtype_name(x) -> str:
 
 def check_params(config: TransformerConfig, params: Params, where: str = "params") -> None:
   """Raises CheckpointError naming the first missing, extra or misshapen tensor against `config`."""
-  from gemma_jax.model.params import param_shapes  # builds the model; import late
-  want = _flatten(param_shapes(config))
   if not isinstance(params, dict):
     raise CheckpointError(f"{where}: expected a nested dict of arrays, got {type(params).__name__}")
-  got = _flatten(params)
-  missing = sorted(set(want) - set(got))
-  extra = sorted(set(got) - set(want))
+  missing, extra, wrong = compare_to_config(config, flatten(params))
   if missing:
     raise CheckpointError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing in all) for a "
                           f"{config.family} model with {config.num_layers} layers")
   if extra:
     raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} extra in all) for a "
                           f"{config.family} model with {config.num_layers} layers")
-  for name, s in want.items():
-    if tuple(got[name].shape) != tuple(s.shape):
-      raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(got[name].shape)} but the config "
-                            f"implies {tuple(s.shape)}")
+  if wrong:
+    name, got, want = wrong[0]
+    raise CheckpointError(f"{where}: tensor {name!r} has shape {got} but the config implies {want}")
 
 
 def _version() -> str:
@@ -215,7 +198,7 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
       raise CheckpointError(f"{path} exists; delete it or choose another path")
   check_params(config, params, where=f"saving {path}")
 
-  flat = _flatten(params)
+  flat = flatten(params)
   dtypes = sorted({_dtype_name(x) for x in flat.values()})
   if len(dtypes) == 1 and dtypes[0] != config.param_dtype:
     config = config.replace(param_dtype=dtypes[0])  # the config describes what is on disk
@@ -352,7 +335,7 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
 
   shapes = param_shapes(config)
   saved = metadata.get("tensors") or {}
-  for name, s in _flatten(shapes).items():  # a clear line before orbax says anything cryptic
+  for name, s in flatten(shapes).items():  # a clear line before orbax says anything cryptic
     if name not in saved:
       raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint")
     if tuple(saved[name]["shape"]) != tuple(s.shape):

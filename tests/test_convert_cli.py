@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import assert_trees_bitwise_equal, tiny_config
 from gemma_jax import checkpoint
 from gemma_jax.convert.detect import detect_format
 from gemma_jax.errors import CheckpointError
@@ -44,19 +44,6 @@ def run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
 
 def _np(tree, dtype=None):
   return jax.tree.map(lambda x: np.asarray(x) if dtype is None else np.asarray(x).astype(dtype), tree)
-
-
-def _bits(x):
-  x = np.asarray(x)
-  return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
-
-
-def assert_bitwise(a, b):
-  fa, fb = checkpoint._flatten(a), checkpoint._flatten(b)
-  assert sorted(fa) == sorted(fb)
-  for k in fa:
-    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
-    np.testing.assert_array_equal(_bits(fa[k]), _bits(fb[k]), err_msg=k)
 
 
 def _leftovers(dst: str) -> list[str]:
@@ -137,7 +124,7 @@ def test_convert_end_to_end(model, sources, tmp_path, src_format, dst_format):
   assert f"wrote {dst} ({dst_format}, from {src_format})" in r.stderr
   assert _leftovers(dst) == ["out"]
   got_config, got_params, got = _read_dst(dst, dst_format)
-  assert_bitwise(params, got_params)
+  assert_trees_bitwise_equal(params, got_params)
   assert got_config.to_dict() == {**config.to_dict(), "preset": got_config.preset}
   assert got.tokenizer == tok
   if dst_format == "native":
@@ -192,7 +179,7 @@ def test_dtype_flag_and_overwrite(model, sources, tmp_path):
   assert r.returncode == 0, r.stderr
   ck = checkpoint.load(dst)
   assert ck.metadata["param_dtype"] == "bfloat16" and ck.template == {"name": "gemma3"}
-  assert_bitwise(_np(params, ml_dtypes.bfloat16), _np(ck.params))
+  assert_trees_bitwise_equal(_np(params, ml_dtypes.bfloat16), _np(ck.params))
   r = run_cli(f"--src={sources['hf']}", f"--dst={dst}")
   assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
       f"error: {dst} exists; delete it, choose another --dst, or pass --overwrite")
@@ -375,7 +362,7 @@ def test_real_gguf_to_native_and_hf(real_gguf_path, tmp_path):
   from gemma_jax.convert.hf import read_hf
   imp = read_hf(str(tmp_path / "hf"), progress=False)
   assert imp.config.to_dict() == ck.config.to_dict()
-  assert_bitwise(_np(ck.params), imp.params)
+  assert_trees_bitwise_equal(_np(ck.params), imp.params)
   gen = json.load(open(tmp_path / "hf" / "generation_config.json"))
   assert gen["eos_token_id"] == [1, 106]
   tc = json.load(open(tmp_path / "hf" / "tokenizer_config.json"))

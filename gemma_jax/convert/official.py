@@ -19,7 +19,6 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from typing import Any, Callable, Mapping
@@ -29,6 +28,7 @@ import numpy as np
 from gemma_jax.convert.common import Imported
 from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model.config import PRESETS, TransformerConfig
+from gemma_jax.model.params import compare_to_config, flatten
 from gemma_jax.tokenizer import Tokenizer
 
 _PREFIXES = ("params", "transformer")
@@ -88,9 +88,9 @@ def write_official(path: str | os.PathLike, config: TransformerConfig, params: d
     raise ConfigError(f"gating_layout={gating_layout!r}: use 'FD' or 'DF'")
   if os.path.exists(path):
     raise CheckpointError(f"{path}: already exists; choose a new directory")
-  _check_shapes(_flatten(params), config, path)
+  _check_shapes(flatten(params), config, path)
   flat: dict[str, dict[str, np.ndarray]] = {}
-  for key, value in _flatten(params).items():
+  for key, value in flatten(params).items():
     value = np.asarray(jax.device_get(value))
     parts = key.split("/")
     if parts[-1] in _MLP_LEAVES and len(parts) >= 2 and parts[-2] == "mlp":
@@ -155,22 +155,10 @@ def _jnp_dtype(dtype: str):
   return jnp.dtype(dtype)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": x}} -> {"a/b": x}; keys that already hold "/" (the flat layout) join the same way."""
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, dict):
-      out.update(_flatten(v, key))
-    else:
-      out[key] = v
-  return out
-
-
 def _normalize(raw: dict[str, Any], path: str) -> dict[str, np.ndarray]:
   """Either layout -> {"layer_0/attn/q_einsum/w": array, "layer_0/mlp/gating_einsum": array, ...}."""
   out = {}
-  for key, value in _flatten(raw).items():
+  for key, value in flatten(raw).items():
     parts = key.split("/")
     while parts and parts[0] in _PREFIXES:
       parts = parts[1:]
@@ -272,28 +260,18 @@ def infer_config(flat: dict[str, Any], path: str, *, preset: str | TransformerCo
 # ---------------------------------------------------------------------------------------------------------
 # Parameters
 
-@functools.lru_cache(maxsize=16)
-def _expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
-  from gemma_jax.model.params import param_shapes
-
-  return {k: tuple(v.shape) for k, v in _flatten(param_shapes(config)).items()}
-
-
 def _check_shapes(flat: dict[str, Any], config: TransformerConfig, path: str) -> None:
   """Every parameter our model needs is there with the right shape, and nothing else."""
-  want = _expected_shapes(config)
-  missing = sorted(set(want) - set(flat))
-  extra = sorted(set(flat) - set(want))
+  missing, extra, wrong = compare_to_config(config, flat)
   if missing:
     raise CheckpointError(f"{path}: parameters {missing[:4]} are missing for {config.preset or config.family} "
                           f"with {config.num_layers} layers")
   if extra:
     raise CheckpointError(f"{path}: unexpected parameters {extra[:4]}; the checkpoint does not match the "
                           f"{config.preset or config.family} config")
-  for k, shape in want.items():
-    got = tuple(np.shape(flat[k]))
-    if got != shape:
-      raise CheckpointError(f"{path}: parameter {k!r} has shape {list(got)}; the config needs {list(shape)}")
+  if wrong:
+    k, got, shape = wrong[0]
+    raise CheckpointError(f"{path}: parameter {k!r} has shape {list(got)}; the config needs {list(shape)}")
 
 
 def _build_params(flat: dict[str, Any], config: TransformerConfig, path: str, gating_layout: str

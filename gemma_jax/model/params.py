@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.sharding import ShardingContext, logical_axes_of, tree_shardings
@@ -52,6 +54,35 @@ def init_params(config: TransformerConfig, rng: jax.Array, sharding: ShardingCon
   if sharding is None:
     return jax.jit(init)(rng)
   return jax.jit(init, out_shardings=param_shardings(config, sharding))(rng)
+
+
+def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+  """{'layer_0': {'attn': {'q_einsum': {'w': x}}}} -> {'layer_0/attn/q_einsum/w': x}."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(v, dict):
+      out.update(flatten(v, key))
+    else:
+      out[key] = v
+  return out
+
+
+@functools.lru_cache(maxsize=16)
+def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+  """Flat name -> shape of every parameter `config` needs."""
+  return {k: tuple(v.shape) for k, v in flatten(param_shapes(config)).items()}
+
+
+def compare_to_config(config: TransformerConfig, flat: dict[str, Any]
+                      ) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
+  """(missing names, extra names, [(name, got shape, wanted shape)]) of a flat tree against `config`."""
+  want = expected_shapes(config)
+  missing = sorted(set(want) - set(flat))
+  extra = sorted(set(flat) - set(want))
+  wrong = [(k, tuple(np.shape(flat[k])), shape) for k, shape in want.items()
+           if k in flat and tuple(np.shape(flat[k])) != shape]
+  return missing, extra, wrong
 
 
 def count_params(tree: Params) -> int:
