@@ -17,31 +17,21 @@ import sys
 
 from absl import app, flags, logging
 
+from sample import common_flags
+
 DEFAULT_PROMPT = "The capital of France is"
 
-_CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory (our format). Default: the real Gemma 3 270M.")
 _PROMPT = flags.DEFINE_string("prompt", None, f"The prompt. Default: {DEFAULT_PROMPT!r}.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line (blank lines "
                                     "are skipped); replaces --prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Most tokens to generate per prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set reaching this mass (1 = off).")
-_MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the best token's probability (0 = off).")
-_REP = flags.DEFINE_float("repetition_penalty", 1.0, "Penalty for tokens of the prompt and output (1 = off).")
-_PRESENCE = flags.DEFINE_float("presence_penalty", 0.0, "Subtracted from the logit of generated tokens (0 = off).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed (same seed, same samples).")
-_STOP = flags.DEFINE_multi_string("stop", [], "A stop string (repeatable); the output ends before it.")
 _STOP_TOKENS = flags.DEFINE_list("stop_tokens", [], "Extra stop tokens, as ids or pieces (eos and "
                                  "<end_of_turn> always stop).")
 _TEMPLATE = flags.DEFINE_string("template", "auto", "auto | none | a template name (gemma, gemma3).")
-_STRICT = flags.DEFINE_boolean("strict_template", False, "Fail when --template differs from the checkpoint's.")
-_SYSTEM = flags.DEFINE_string("system", None, "A system message (chat templates that support one).")
 _FORMAT = flags.DEFINE_enum("output_format", "text", ["text", "jsonl"], "stdout format.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts sampled together.")
 _STREAM = flags.DEFINE_boolean("stream", False, "Print text as it is generated (text format, one prompt).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Cast the parameters (default: as saved).")
-_MESH = flags.DEFINE_string("mesh", None, "Shard over devices, e.g. 'fsdp:-1' or 'data:2,tensor:4'.")
+flags.adopt_module_key_flags(common_flags)
 
 
 def main(argv):
@@ -72,25 +62,16 @@ def _read_prompts() -> list[str]:
 
 def _run():
   import gemma_jax
-  from gemma_jax.errors import UserError
-  from gemma_jax.sampling import SamplingParams
-  from gemma_jax.sampling.chat import pt_warning, resolve_template
-  from gemma_jax.sampling.loading import load_sampler
+  from gemma_jax.sampling.chat import pt_warning
   from gemma_jax.sampling.stopping import default_stop_ids, parse_stop_tokens
 
   prompts = _read_prompts()
-  sampling = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                            min_p=_MIN_P.value, repetition_penalty=_REP.value,
-                            presence_penalty=_PRESENCE.value, seed=_SEED.value)
-  if _MAX_NEW.value < 1:
-    raise UserError(f"--max_new_tokens={_MAX_NEW.value}: must be >= 1")
-  if _BATCH.value < 1:
-    raise UserError(f"--batch_size={_BATCH.value}: must be >= 1")
+  sampling = common_flags.sampling_params()
+  max_new = common_flags.require_positive(_MAX_NEW)
+  batch_size = common_flags.require_positive(_BATCH)
   logging.info("gemma_jax %s", gemma_jax.__version__)
-  ck, sampler = load_sampler(_CKPT.value, dtype=_DTYPE.value, mesh=_MESH.value)
+  ck, sampler, template = common_flags.load(_TEMPLATE.value)
   tok = sampler.tokenizer
-  template = resolve_template(_TEMPLATE.value, ck.template, ck.config.family, kind=ck.kind,
-                              strict=_STRICT.value)
   if template is None:
     logging.info("plain completion (BOS + prompt text)%s", " of a PT checkpoint" if ck.kind == "pt" else "")
     rows = [tok.encode(p, add_bos=True) for p in prompts]
@@ -99,17 +80,17 @@ def _run():
     logging.info("chat template %r", template.name)
     if pt_warning(ck.kind):
       logging.warning(pt_warning(ck.kind))
-    system = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
+    system = [{"role": "system", "content": common_flags.SYSTEM.value}] if common_flags.SYSTEM.value else []
     rows = [template.render_prompt(system + [{"role": "user", "content": p}], tok) for p in prompts]
     stop_ids = tuple(template.stop_token_ids(tok))
   stop_ids = tuple(dict.fromkeys(stop_ids + parse_stop_tokens(_STOP_TOKENS.value, tok)))
 
   stream = _STREAM.value and _FORMAT.value == "text" and len(prompts) == 1
-  for b0 in range(0, len(rows), _BATCH.value):
-    batch = rows[b0:b0 + _BATCH.value]
+  for b0 in range(0, len(rows), batch_size):
+    batch = rows[b0:b0 + batch_size]
     on_text = (lambda i, d: (sys.stdout.write(d), sys.stdout.flush())) if stream else None
-    results = sampler.generate(batch, max_new_tokens=_MAX_NEW.value, sampling=sampling, stop_ids=stop_ids,
-                               stop_strings=_STOP.value, on_text=on_text)
+    results = sampler.generate(batch, max_new_tokens=max_new, sampling=sampling, stop_ids=stop_ids,
+                               stop_strings=common_flags.STOP.value, on_text=on_text)
     t = sampler.last_timing
     logging.info("batch of %d: prefill %.2fs, %d decode steps in %.2fs", len(batch), t.get("prefill_s", 0),
                  t.get("decode_steps", 0), t.get("decode_s", 0))
