@@ -14,7 +14,7 @@ from gemma_jax.model.attention import attention_mask
 from gemma_jax.model.config import AttentionType, TransformerConfig, preset_names
 from gemma_jax.model.params import count_params, init_params, param_shapes
 from gemma_jax.model.rope import apply_rope
-from gemma_jax.model.transformer import Transformer
+from gemma_jax.model.transformer import Transformer, few_rows_logits, logits_from_hidden
 
 # (name, billions of parameters as published, rounded)
 PRESET_SIZES = {"gemma1-2b": 2.5, "gemma1-7b": 8.5, "gemma2-2b": 2.6, "gemma2-9b": 9.2, "gemma2-27b": 27.2,
@@ -174,3 +174,15 @@ def test_remat_changes_nothing_numerically(remat):
   g0 = jax.grad(loss)(params, config)
   g1 = jax.grad(loss)(params, config.replace(remat=remat))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])  # gemma2: the final soft-cap applies
+def test_few_rows_logits_equal_the_head(family):
+  config = tiny_config(family)
+  params = init_params(config, jax.random.key(0))
+  emb = params["embedder"]["input_embedding"]
+  hidden = jax.random.normal(jax.random.key(1), (3, config.embed_dim)) * 4.0
+  want = logits_from_hidden(hidden, emb, config)
+  got = jax.jit(lambda h, e: few_rows_logits(h, e, config))(hidden, emb)
+  assert got.shape == want.shape == (3, config.vocab_size) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)  # f32 summation order

@@ -220,3 +220,16 @@ def test_penalties_in_the_loop(g3):
   out = g3.generate(prompts, max_new_tokens=20, sampling=p, stop_ids=())
   for prompt, c in zip(prompts, out):
     assert len(set(c.tokens)) == 20 and not set(c.tokens) & set(prompt)
+
+
+def test_hoisted_weight_layouts_view_back_to_the_params(g3):
+  """The decode loop carries some attention weights transposed (CPU); its view inside the body is bitwise the
+  original tree, and the carried tree really is transposed (or the hoist would do nothing)."""
+  params = g3.params
+  carried = jax.jit(lambda p: engine._hoist_weight_layouts(p)[0])(params)
+  _, view = engine._hoist_weight_layouts(params)
+  back = jax.jit(view)(carried)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
+  q = params["layer_0"]["attn"]["q_einsum"]["w"]  # [N, D, H] -> carried [D, N, H]
+  assert carried["layer_0"]["attn"]["q_einsum"]["w"].shape == (q.shape[1], q.shape[0], q.shape[2])

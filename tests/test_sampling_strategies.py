@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gemma_jax.errors import UserError
-from gemma_jax.sampling.strategies import SamplingParams, apply_penalties, filter_and_sample
+from gemma_jax.sampling.strategies import SamplingParams, apply_penalties, filter_and_sample, greedy_argmax
 
 V = 24
 
@@ -65,6 +65,18 @@ def test_greedy_is_argmax_and_temperature_zero_is_greedy():
   assert p.strategy(V).greedy
   got = filter_and_sample(logits, jax.random.key(0), p.strategy(V), p.values())
   assert got.tolist() == np.argmax(np.asarray(logits), -1).tolist()
+
+
+def test_greedy_argmax_takes_the_first_of_tied_maxima_like_argmax():
+  logits = np.zeros((4, V), np.float32)
+  logits[0, [3, 7]] = 2.0  # tie: the first wins
+  logits[1, V - 1] = 1.0  # the last id
+  logits[2, :] = -np.inf
+  logits[2, 5] = -1.0  # everything else -inf
+  logits[3, :] = 1.0  # all equal: id 0
+  got = jax.jit(greedy_argmax)(jnp.asarray(logits))
+  assert got.dtype == jnp.int32
+  assert got.tolist() == np.argmax(logits, -1).tolist() == [3, V - 1, 5, 0]
 
 
 def test_top_p_keeps_the_best_token_even_when_it_alone_exceeds_p():

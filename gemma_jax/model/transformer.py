@@ -128,3 +128,14 @@ def logits_from_hidden(hidden: jax.Array, embedding: jax.Array, config: Transfor
   """The output head applied to hidden [..., D] with the table [V', D] (a slice of rows is fine): f32 logits."""
   logits = jnp.einsum("...D,VD->...V", hidden, embedding.astype(hidden.dtype), preferred_element_type=jnp.float32)
   return soft_cap(logits, config.final_logit_soft_cap)
+
+
+def few_rows_logits(hidden: jax.Array, embedding: jax.Array, config: TransformerConfig) -> jax.Array:
+  """`logits_from_hidden` for a few rows (decode steps): hidden [B, D] -> f32 logits [B, V], same numbers.
+
+  Computed vocabulary-major ([V, B], then transposed): for the real 270M head on the 2-core CPU box XLA then
+  picks a 1.7x faster kernel at B = 8 (30 vs 51 ms; equal at B = 1). The barrier keeps XLA from folding the
+  transpose back into the product, which would bring back the slow kernel.
+  """
+  logits = jnp.einsum("VD,BD->VB", embedding.astype(hidden.dtype), hidden, preferred_element_type=jnp.float32)
+  return soft_cap(jax.lax.optimization_barrier(logits).T, config.final_logit_soft_cap)

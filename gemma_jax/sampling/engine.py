@@ -31,7 +31,7 @@ from gemma_jax.model import kv_cache
 from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.params import param_shardings
 from gemma_jax.model.sharding import ShardingContext
-from gemma_jax.model.transformer import Transformer, logits_from_hidden
+from gemma_jax.model.transformer import Transformer, few_rows_logits
 from gemma_jax.sampling import stopping
 from gemma_jax.sampling.streaming import IncrementalDecoder
 from gemma_jax.sampling.strategies import (SamplingParams, Strategy, StrategyValues, apply_penalties,
@@ -109,6 +109,38 @@ def grow_cache(cache: kv_cache.Cache, config: TransformerConfig, max_len: int) -
   return out
 
 
+# XLA CPU copies these attention weights into its GEMM layout inside the decode loop, every step: its
+# loop-invariant code motion leaves a lone transpose in the body. For the real 270M that is 54 copies and
+# ~20 ms of a ~50 ms step at batch 1. `_hoist_weight_layouts` does the transposes once, before the loop.
+_CPU_LOOP_LAYOUTS = {"q_einsum": (1, 0, 2), "kv_einsum": (0, 1, 3, 2), "qkv_einsum": (0, 1, 3, 2),
+                     "attn_vec_einsum": (1, 0, 2)}
+
+
+def _hoist_weight_layouts(params: Any) -> tuple[Any, Callable[[Any], Any]]:
+  """(params to carry into a loop, `view` that gives back the original params inside the loop body).
+
+  The carried weights are physically transposed (behind a barrier, so XLA keeps them so); `view` transposes
+  them back, which layout assignment turns into a free bitcast in the GEMM's preferred layout. CPU only: other
+  backends get the params unchanged.
+  """
+  if jax.default_backend() != "cpu":
+    return params, lambda p: p
+
+  def perm(path) -> tuple[int, ...] | None:
+    names = [getattr(k, "key", None) for k in path]
+    return _CPU_LOOP_LAYOUTS.get(names[-2]) if len(names) >= 2 and names[-1] == "w" else None
+
+  def inverse(order):
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
+
+  carried = jax.tree_util.tree_map_with_path(
+      lambda path, x: x if perm(path) is None else jnp.transpose(x, perm(path)), params)
+  carried = jax.lax.optimization_barrier(carried)
+  view = lambda p: jax.tree_util.tree_map_with_path(
+      lambda path, x: x if perm(path) is None else jnp.transpose(x, inverse(perm(path))), p)
+  return carried, view
+
+
 def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
@@ -147,7 +179,7 @@ class _Program:
     """The last prompt chunk [B, T] (left-padded: each row's last token at T - 1) -> the first token + state."""
     TRACE_COUNTS["prefill"] += 1
     hidden, cache = self._forward(params, tokens, positions, mask, cache)
-    logits = logits_from_hidden(hidden[:, -1], params["embedder"]["input_embedding"], self.config)
+    logits = few_rows_logits(hidden[:, -1], params["embedder"]["input_embedding"], self.config)
     b, v = logits.shape
     if strategy.needs_seen:
       seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.where(mask, tokens, v)].set(True, mode="drop")
@@ -172,13 +204,16 @@ class _Program:
     TRACE_COUNTS["decode"] += 1
     end = jnp.minimum(state.step + num_steps, state.max_new)
     b = state.last.shape[0]
+    carried, view = _hoist_weight_layouts(params)
 
-    def cond(st: DecodeState):
+    def cond(carry):
+      st = carry[0]
       return (st.step < end) & ~jnp.all(st.done)
 
-    def body(st: DecodeState) -> DecodeState:
+    def body(carry):
+      st, params = carry[0], view(carry[1])
       hidden, cache = self._forward(params, st.last[:, None], st.next_pos[:, None], ~st.done[:, None], st.cache)
-      logits = logits_from_hidden(hidden[:, 0], params["embedder"]["input_embedding"], self.config)
+      logits = few_rows_logits(hidden[:, 0], params["embedder"]["input_embedding"], self.config)
       key, sub = jax.random.split(st.key)
       tok = filter_and_sample(apply_penalties(logits, strategy, values, st.seen, st.generated), sub, strategy,
                               values)
@@ -195,9 +230,9 @@ class _Program:
           cache=cache, tokens=jax.lax.dynamic_update_slice(st.tokens, tok[:, None], (0, st.step)),
           last=jnp.where(live, tok, st.last), next_pos=st.next_pos + live, done=st.done | _is_stop(tok, stop_ids),
           num_tokens=st.num_tokens + live, step=st.step + 1, max_new=st.max_new, key=key, seen=seen,
-          generated=generated, logprobs=jax.lax.dynamic_update_slice(st.logprobs, lp, (0, st.step)))
+          generated=generated, logprobs=jax.lax.dynamic_update_slice(st.logprobs, lp, (0, st.step))), carry[1]
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, (state, carried))[0]
 
 
 @functools.lru_cache(maxsize=8)
