@@ -2,9 +2,12 @@
 
     python benchmarks/orpo_cpu.py                        # real Gemma 3 270M, 4 pairs x ~126 tokens, f32, AdamW
     python benchmarks/orpo_cpu.py --steps=5 --trl_steps=4 --threads=2
+    python benchmarks/orpo_cpu.py --dtype=bfloat16         # bf16 compute over f32 weights, on both sides
 
 What is measured, on each side, is one optimizer step: forward over the 2B = 8 rows [chosen; rejected],
 backward, AdamW update (lr 5e-6, no weight decay, gradient clipping at 1.0 on both sides: TRL's defaults).
+With --dtype=bfloat16 the matmuls run in bf16 over f32 master weights on both sides (ours: the config's compute
+dtype; TRL: `bf16=True`, i.e. torch CPU autocast).
   gemma_jax: `orpo_loss` in the training loop's jitted `train_step` (donated state), after one compile step.
   TRL:       `ORPOTrainer.train()` in a subprocess under the reference venv (/opt/hfref/bin/python), timed per
              optimizer step by a callback, first step dropped; torch threads = --threads.
@@ -81,7 +84,8 @@ def pairs_to_batch(pairs) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------
 # gemma_jax side
 
-def run_jax(imported, batch, steps: int, save_logits: bool, chunk_bytes: int) -> dict:
+def run_jax(imported, batch, steps: int, saved_logits_mib: int, chunk_bytes: int, dtype: str) -> dict:
+  import dataclasses
   import functools
 
   import jax
@@ -92,13 +96,13 @@ def run_jax(imported, batch, steps: int, save_logits: bool, chunk_bytes: int) ->
   from gemma_jax.training.optim import make_optimizer
   from gemma_jax.training.step import train_step
 
-  config = imported.config
+  config = dataclasses.replace(imported.config, dtype=dtype)
   model = Transformer(config)
   params = jax.tree.map(jnp.asarray, imported.params)
   optimizer, schedule = make_optimizer(lr=LR, schedule="constant", num_steps=1000, warmup=0.0, weight_decay=0.0,
                                        clip_norm=1.0)
-  loss_fn = lambda p, b, aux: orpo_loss(p, b, model=model, config=config, beta=BETA, save_logits=save_logits,
-                                        max_chunk_bytes=chunk_bytes)
+  loss_fn = lambda p, b, aux: orpo_loss(p, b, model=model, config=config, beta=BETA,
+                                        max_saved_bytes=saved_logits_mib << 20, max_chunk_bytes=chunk_bytes)
   step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule),
                  donate_argnums=(0,))
   state = jax.jit(lambda p: train_state.create(p, optimizer, seed=0))(params)
@@ -164,7 +168,7 @@ def trl_worker(args) -> None:
                    lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, max_length=512,
                    per_device_train_batch_size=len(pairs), max_steps=args.trl_steps, logging_steps=1,
                    report_to="none", use_cpu=True, save_strategy="no", remove_unused_columns=False, seed=0,
-                   dataloader_num_workers=0, disable_tqdm=True)
+                   dataloader_num_workers=0, disable_tqdm=True, bf16=args.dtype == "bfloat16")
   trainer = ORPOTrainer(model=model, args=cfg, train_dataset=data, processing_class=processing, callbacks=[timer])
   rows = [trainer.train_dataset[i] for i in range(len(pairs))]
   tokens = sum(sum(r["chosen_attention_mask"]) + sum(r["rejected_attention_mask"]) for r in rows)
@@ -184,8 +188,10 @@ def main(argv=None) -> None:
   ap.add_argument("--pairs", type=int, default=4)
   ap.add_argument("--seq_len", type=int, default=126)
   ap.add_argument("--threads", type=int, default=2, help="torch threads for TRL")
-  ap.add_argument("--save_logits", action="store_true", help="gemma_jax: keep chunk logits for the backward")
-  ap.add_argument("--chunk_mib", type=int, default=256, help="gemma_jax: f32 logits per chunk, MiB")
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype, both sides")
+  ap.add_argument("--saved_logits_mib", type=int, default=1536,
+                  help="gemma_jax: keep the logits for the backward pass when they fit (0: recompute in chunks)")
+  ap.add_argument("--chunk_mib", type=int, default=256, help="gemma_jax: f32 logits per recomputed chunk, MiB")
   ap.add_argument("--skip_trl", action="store_true")
   ap.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -217,7 +223,7 @@ def main(argv=None) -> None:
         json.dump({"vocab_size": imported.config.vocab_size,
                    "pairs": [[list(map(int, x)) for x in pair] for pair in pairs]}, f)
 
-    res = run_jax(imported, batch, args.steps, args.save_logits, args.chunk_mib << 20)
+    res = run_jax(imported, batch, args.steps, args.saved_logits_mib, args.chunk_mib << 20, args.dtype)
     del imported
     jax.clear_caches()
     jax_step = statistics.median(res["step_times_s"])
@@ -226,14 +232,15 @@ def main(argv=None) -> None:
             "step_times_s": [round(x, 3) for x in res["step_times_s"]],
             "median_step_cpu_s": round(statistics.median(res["step_cpu_s"]), 3),
             "first_step_incl_compile_s": round(res["first_step_s"], 1),
-            "losses": [round(x, 4) for x in res["losses"]], "save_logits": args.save_logits}
+            "losses": [round(x, 4) for x in res["losses"]], "dtype": args.dtype,
+            "saved_logits_mib": args.saved_logits_mib}
     print(json.dumps(ours), flush=True)
     if args.skip_trl:
       return
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     cmd = [HFREF_PYTHON, os.path.abspath(__file__), "--trl_worker", f"--work={work}",
-           f"--trl_steps={args.trl_steps}", f"--threads={args.threads}"]
+           f"--trl_steps={args.trl_steps}", f"--threads={args.threads}", f"--dtype={args.dtype}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("TRL_RESULT ")]
     if proc.returncode or not lines:

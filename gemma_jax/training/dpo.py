@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax.errors import ConfigError
-from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, masked_sums, model_logprobs, reward_metrics,
-                                         split_pairs)
+from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, DEFAULT_SAVED_BYTES, masked_sums, model_logprobs,
+                                         reward_metrics, split_pairs)
 
 
 def response_logps(logprobs: jax.Array, target_mask: jax.Array) -> jax.Array:
@@ -52,7 +52,8 @@ def sigmoid_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
 
 def dpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: float = 0.1,
              reference_params=None, label_smoothing: float = 0.0, chunk_size: int | None = None,
-             max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool = False
+             max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool | None = None,
+             max_saved_bytes: int = DEFAULT_SAVED_BYTES
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DPO loss and TRL's DPO metrics for one preference batch.
 
@@ -66,7 +67,8 @@ def dpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: f
   targets = batch["target_mask"].astype(bool) & mask
   predicting = jnp.concatenate([targets[:, 1:], jnp.zeros_like(targets[:, :1])], axis=1)  # logits at t - 1
   out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=predicting,
-                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits)
+                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits,
+                       max_saved_bytes=max_saved_bytes)
   logps = response_logps(out.logprobs, targets)
   if reference_params is not None:
     ref = reference_logps(reference_params, batch, model=model, config=config, chunk_size=chunk_size,

@@ -131,7 +131,7 @@ def training_model_config(config: ml_collections.ConfigDict, saved: TransformerC
 def make_loss_fn(config: ml_collections.ConfigDict, model: Transformer, model_config: TransformerConfig):
   """`loss_fn(params, batch, aux) -> (loss, metrics)` for the configured objective (aux: DPO's reference params)."""
   c = config.loss
-  chunk = {"chunk_size": c.chunk_size or None}
+  chunk = {"chunk_size": c.chunk_size or None, "max_saved_bytes": c.saved_logits_mib << 20}
   if config.objective == "orpo":
     return lambda p, b, aux: orpo_loss(p, b, model=model, config=model_config, beta=c.orpo_lambda,
                                        nll_target=c.nll_target, **chunk)

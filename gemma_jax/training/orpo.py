@@ -15,8 +15,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, masked_sums, model_logprobs, reward_metrics,
-                                         split_pairs)
+from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, DEFAULT_SAVED_BYTES, masked_sums, model_logprobs,
+                                         reward_metrics, split_pairs)
 
 LN2 = 0.6931471805599453
 MAX_AVG_LOGP = -1e-7  # a = 0 exactly would make log1mexp(a) = -inf; TRL 1.16 does not clamp (it returns inf/NaN)
@@ -50,7 +50,8 @@ def trl_logit_mask(input_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def orpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: float = 0.1,
               nll_target: Literal["sequence", "response"] = "sequence", chunk_size: int | None = None,
-              max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool = False
+              max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool | None = None,
+              max_saved_bytes: int = DEFAULT_SAVED_BYTES
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ORPO loss and TRL's metrics for one preference batch.
 
@@ -62,7 +63,7 @@ def orpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: 
     beta: lambda, the weight of the odds-ratio term (TRL's `beta`, default 0.1).
     nll_target: "sequence" (TRL and the official code: prompt + response, i.e. `nll_mask`) or "response"
       (LLaMA-Factory: the chosen rows' target_mask).
-    chunk_size, max_chunk_bytes, save_logits: see `logprobs.token_logprobs`.
+    chunk_size, max_chunk_bytes, save_logits, max_saved_bytes: see `logprobs.token_logprobs`.
 
   Returns (loss, metrics) with TRL's metric names, each a scalar:
     rewards/chosen, rewards/rejected: mean of beta * a_w, beta * a_l; rewards/accuracies: mean(beta a_w >
@@ -82,7 +83,8 @@ def orpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: 
   b = r // 2
   logit_mask, positions = trl_logit_mask(mask)
   out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=logit_mask,
-                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits)
+                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits,
+                       max_saved_bytes=max_saved_bytes)
   lp = out.logprobs
 
   sums, counts = masked_sums(lp, batch["target_mask"])

@@ -32,6 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.gamma = 0.5  # SimPO target margin (absolute gamma = the paper's gamma/beta ratio times beta)
   c.loss.label_smoothing = 0.0  # DPO / SimPO; 0 = the plain sigmoid loss
   c.loss.chunk_size = 0  # positions per log-prob chunk; 0 = sized to keep one f32 logits chunk ~256 MB
+  # Keep every position's f32 logits for the backward pass when they fit this many MiB (global shapes of one
+  # microbatch): faster (no recomputed head), more memory. 0 = always recompute them chunk by chunk.
+  c.loss.saved_logits_mib = 1536
 
   # --- data ------------------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()

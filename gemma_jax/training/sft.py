@@ -11,11 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.training.logprobs import DEFAULT_CHUNK_BYTES, masked_sums, model_logprobs
+from gemma_jax.training.logprobs import DEFAULT_CHUNK_BYTES, DEFAULT_SAVED_BYTES, masked_sums, model_logprobs
 
 
 def sft_loss(params, batch: dict[str, jax.Array], *, model, config=None, chunk_size: int | None = None,
-             max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool = False
+             max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool | None = None,
+             max_saved_bytes: int = DEFAULT_SAVED_BYTES
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Target-masked token-mean NLL for one batch.
 
@@ -25,7 +26,8 @@ def sft_loss(params, batch: dict[str, jax.Array], *, model, config=None, chunk_s
   """
   mask = jnp.asarray(batch["input_mask"]).astype(bool)
   out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=jnp.zeros(mask.shape, bool),
-                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits)
+                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits,
+                       max_saved_bytes=max_saved_bytes)
   sums, counts = masked_sums(out.logprobs, batch["target_mask"].astype(bool) & mask)
   tokens = jnp.sum(counts)
   loss = -jnp.sum(sums) / jnp.maximum(tokens, 1.0)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, masked_sums, model_logprobs, reward_metrics,
-                                         split_pairs)
+from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, DEFAULT_SAVED_BYTES, masked_sums, model_logprobs,
+                                         reward_metrics, split_pairs)
 from gemma_jax.training.orpo import trl_logit_mask
 
 
@@ -26,7 +26,8 @@ def simpo_losses(chosen_avg_logps, rejected_avg_logps, beta: float, gamma: float
 
 def simpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: float = 2.0, gamma: float = 0.5,
                label_smoothing: float = 0.0, chunk_size: int | None = None,
-               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool = False
+               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool | None = None,
+               max_saved_bytes: int = DEFAULT_SAVED_BYTES
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SimPO loss and metrics (TRL CPOTrainer names) for one preference batch.
 
@@ -37,7 +38,8 @@ def simpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta:
   mask = jnp.asarray(batch["input_mask"]).astype(bool)
   logit_mask, positions = trl_logit_mask(mask)
   out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=logit_mask,
-                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits)
+                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits,
+                       max_saved_bytes=max_saved_bytes)
   sums, counts = masked_sums(out.logprobs, batch["target_mask"].astype(bool) & mask)
   chosen, rejected = split_pairs(sums / jnp.maximum(counts, 1.0))
   losses = simpo_losses(chosen, rejected, beta, gamma, label_smoothing)
