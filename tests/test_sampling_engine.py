@@ -222,14 +222,22 @@ def test_penalties_in_the_loop(g3):
     assert len(set(c.tokens)) == 20 and not set(c.tokens) & set(prompt)
 
 
-def test_hoisted_weight_layouts_view_back_to_the_params(g3):
-  """The decode loop carries some attention weights transposed (CPU); its view inside the body is bitwise the
-  original tree, and the carried tree really is transposed (or the hoist would do nothing)."""
+def test_loop_layout_views_back_to_the_params(g3):
+  """On CPU the Sampler keeps some attention weights transposed; the view the model reads is bitwise the
+  original tree, and the stored tree really is transposed (or the layout change would do nothing)."""
   params = g3.params
-  carried = jax.jit(lambda p: engine._hoist_weight_layouts(p)[0])(params)
-  _, view = engine._hoist_weight_layouts(params)
-  back = jax.jit(view)(carried)
+  stored = g3._run_params
+  back = jax.jit(engine.from_loop_layout)(stored)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
-  q = params["layer_0"]["attn"]["q_einsum"]["w"]  # [N, D, H] -> carried [D, N, H]
-  assert carried["layer_0"]["attn"]["q_einsum"]["w"].shape == (q.shape[1], q.shape[0], q.shape[2])
+  q = params["layer_0"]["attn"]["q_einsum"]["w"]  # [N, D, H] -> stored [D, N, H]
+  assert stored["layer_0"]["attn"]["q_einsum"]["w"].shape == (q.shape[1], q.shape[0], q.shape[2])
+
+
+def test_prompt_buckets_waste_at_most_a_third():
+  buckets = {engine.bucket_length(n, 512) for n in range(1, 513)}
+  assert sorted(buckets) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+  for n in range(17, 513):  # above the minimum bucket, padding stays under a third of the bucket
+    b = engine.bucket_length(n, 512)
+    assert n <= b and (b - n) * 3 < b, (n, b)
+  assert engine.bucket_length(513, 512) == 1024 and engine.bucket_length(20, 16) == 32

@@ -72,11 +72,13 @@ class Completion:
 
 
 def bucket_length(n: int, chunk: int, minimum: int = 16) -> int:
-  """Prompt length bucket: a power of two >= max(n, minimum) up to `chunk`, then a multiple of `chunk`."""
+  """Prompt length bucket: the first of minimum * (1, 1.5, 2, 3, 4, 6, 8, ...) >= n, up to `chunk`, then a
+  multiple of `chunk`. The half steps cap the padding at a third of the bucket (not half, as powers of two
+  would): prefill is compute-bound, so padding costs time to first token in proportion."""
   if n <= chunk:
     b = minimum
     while b < n:
-      b *= 2
+      b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3  # 16 -> 24 -> 32 -> 48 -> 64 ...
     return min(b, chunk)
   return -(-n // chunk) * chunk
 
@@ -109,36 +111,34 @@ def grow_cache(cache: kv_cache.Cache, config: TransformerConfig, max_len: int) -
   return out
 
 
-# XLA CPU copies these attention weights into its GEMM layout inside the decode loop, every step: its
-# loop-invariant code motion leaves a lone transpose in the body. For the real 270M that is 54 copies and
-# ~20 ms of a ~50 ms step at batch 1. `_hoist_weight_layouts` does the transposes once, before the loop.
+# XLA CPU copies these attention weights into its GEMM layout wherever they are used: inside the decode loop
+# on every step (its loop-invariant code motion leaves a lone transpose in the body; for the real 270M, 54
+# copies and ~20 ms of a ~50 ms step at batch 1), and once per prefill call. So on CPU the weights are kept
+# transposed (`to_loop_layout`) and viewed back inside the programs (`from_loop_layout`), a transpose that
+# layout assignment turns into a free bitcast in the GEMM's preferred layout.
 _CPU_LOOP_LAYOUTS = {"q_einsum": (1, 0, 2), "kv_einsum": (0, 1, 3, 2), "qkv_einsum": (0, 1, 3, 2),
                      "attn_vec_einsum": (1, 0, 2)}
 
 
-def _hoist_weight_layouts(params: Any) -> tuple[Any, Callable[[Any], Any]]:
-  """(params to carry into a loop, `view` that gives back the original params inside the loop body).
-
-  The carried weights are physically transposed (behind a barrier, so XLA keeps them so); `view` transposes
-  them back, which layout assignment turns into a free bitcast in the GEMM's preferred layout. CPU only: other
-  backends get the params unchanged.
-  """
+def _layout_perm(path) -> tuple[int, ...] | None:
   if jax.default_backend() != "cpu":
-    return params, lambda p: p
+    return None
+  names = [getattr(k, "key", None) for k in path]
+  return _CPU_LOOP_LAYOUTS.get(names[-2]) if len(names) >= 2 and names[-1] == "w" else None
 
-  def perm(path) -> tuple[int, ...] | None:
-    names = [getattr(k, "key", None) for k in path]
-    return _CPU_LOOP_LAYOUTS.get(names[-2]) if len(names) >= 2 and names[-1] == "w" else None
 
-  def inverse(order):
-    return tuple(sorted(range(len(order)), key=order.__getitem__))
+def to_loop_layout(params: Any) -> Any:
+  """The params with the attention weights physically transposed (CPU; other backends: unchanged)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if _layout_perm(path) is None else jnp.transpose(x, _layout_perm(path)), params)
 
-  carried = jax.tree_util.tree_map_with_path(
-      lambda path, x: x if perm(path) is None else jnp.transpose(x, perm(path)), params)
-  carried = jax.lax.optimization_barrier(carried)
-  view = lambda p: jax.tree_util.tree_map_with_path(
-      lambda path, x: x if perm(path) is None else jnp.transpose(x, inverse(perm(path))), p)
-  return carried, view
+
+def from_loop_layout(params: Any) -> Any:
+  """Inverse of `to_loop_layout`: the params as the model reads them."""
+  def back(path, x):
+    order = _layout_perm(path)
+    return x if order is None else jnp.transpose(x, tuple(sorted(range(len(order)), key=order.__getitem__)))
+  return jax.tree_util.tree_map_with_path(back, params)
 
 
 def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
@@ -152,6 +152,10 @@ class _Program:
   def __init__(self, config: TransformerConfig, sharding: ShardingContext | None):
     self.config, self.sharding = config, sharding
     self.model = Transformer(config, sharding)
+    # Unsharded, the Sampler stores its params in the loop layout (`store`); sharded, the decode loop
+    # transposes them once per call (their shardings stay those of the model's layout).
+    self.stored_layout = sharding is None
+    self.store = jax.jit(to_loop_layout) if self.stored_layout else (lambda p: p)
     self.extend = jax.jit(self._extend_impl, donate_argnames=("cache",))
     self.prefill = jax.jit(self._prefill_impl, static_argnames=("strategy", "out_len"), donate_argnames=("cache",))
     self.decode = jax.jit(self._decode_impl, static_argnames=("strategy",), donate_argnames=("state",))
@@ -164,6 +168,9 @@ class _Program:
                         axes, cache, is_leaf=lambda a: isinstance(a, tuple))
 
   # -- jitted pieces -------------------------------------------------------------------------------------
+  def _model_params(self, params):
+    return from_loop_layout(params) if self.stored_layout else params
+
   def _forward(self, params, tokens, positions, mask, cache):
     hidden, cache = self.model.apply({"params": params}, tokens, positions=positions, input_mask=mask,
                                      cache=cache, return_hidden=True)
@@ -172,12 +179,14 @@ class _Program:
   def _extend_impl(self, params, tokens, positions, mask, cache):
     """Feeds a prompt chunk [B, T] into the cache (no logits)."""
     TRACE_COUNTS["extend"] += 1
+    params = self._model_params(params)
     return self._forward(params, tokens, positions, mask, cache)[1]
 
   def _prefill_impl(self, params, tokens, positions, mask, cache, key, values, stop_ids, max_new, *,
                     strategy: Strategy, out_len: int):
     """The last prompt chunk [B, T] (left-padded: each row's last token at T - 1) -> the first token + state."""
     TRACE_COUNTS["prefill"] += 1
+    params = self._model_params(params)
     hidden, cache = self._forward(params, tokens, positions, mask, cache)
     logits = few_rows_logits(hidden[:, -1], params["embedder"]["input_embedding"], self.config)
     b, v = logits.shape
@@ -204,14 +213,15 @@ class _Program:
     TRACE_COUNTS["decode"] += 1
     end = jnp.minimum(state.step + num_steps, state.max_new)
     b = state.last.shape[0]
-    carried, view = _hoist_weight_layouts(params)
+    # the weights the loop carries, in the loop layout (behind a barrier, so XLA keeps the transposes outside)
+    carried = params if self.stored_layout else jax.lax.optimization_barrier(to_loop_layout(params))
 
     def cond(carry):
       st = carry[0]
       return (st.step < end) & ~jnp.all(st.done)
 
     def body(carry):
-      st, params = carry[0], view(carry[1])
+      st, params = carry[0], from_loop_layout(carry[1])
       hidden, cache = self._forward(params, st.last[:, None], st.next_pos[:, None], ~st.done[:, None], st.cache)
       logits = few_rows_logits(hidden[:, 0], params["embedder"]["input_embedding"], self.config)
       key, sub = jax.random.split(st.key)
@@ -262,6 +272,7 @@ class Sampler:
     if sharding is not None:
       params = jax.device_put(params, param_shardings(config, sharding))
     self.params = params
+    self._run_params = program.store(params)  # what the jitted programs take (see `to_loop_layout`)
     self.prefilled_tokens = 0  # real (non-pad) tokens fed by prefill so far: chat tests count these
     self.last_timing: dict[str, float] = {}
     self._extend, self._prefill, self._decode = program.extend, program.prefill, program.decode
@@ -332,10 +343,10 @@ class Sampler:
     tic = time.perf_counter()
     for c0 in range(0, t - chunk, chunk):  # all but the last chunk
       sl = slice(c0, c0 + chunk)
-      cache = self._extend(self.params, self._put_batch(tokens[:, sl]), self._put_batch(positions[:, sl]),
+      cache = self._extend(self._run_params, self._put_batch(tokens[:, sl]), self._put_batch(positions[:, sl]),
                            self._put_batch(mask[:, sl]), cache)
     sl = slice(max(0, t - chunk), t)
-    new = self._prefill(self.params, self._put_batch(tokens[:, sl]), self._put_batch(positions[:, sl]),
+    new = self._prefill(self._run_params, self._put_batch(tokens[:, sl]), self._put_batch(positions[:, sl]),
                         self._put_batch(mask[:, sl]), cache, key, values, jnp.asarray(stop.id_array()),
                         jnp.asarray(max_new_tokens, jnp.int32), strategy=strategy, out_len=s)
     new.last.block_until_ready()
@@ -346,7 +357,7 @@ class Sampler:
   def decode(self, state: DecodeState, steps: int, sampling: SamplingParams,
              stop: stopping.StopRules) -> DecodeState:
     """Runs up to `steps` more decode steps (the state is donated: use the returned one)."""
-    return self._decode(self.params, state, jnp.asarray(steps, jnp.int32), sampling.values(),
+    return self._decode(self._run_params, state, jnp.asarray(steps, jnp.int32), sampling.values(),
                         jnp.asarray(stop.id_array()), strategy=sampling.strategy(self.config.vocab_size))
 
   def _stop_rules(self, stop_ids, stop_strings) -> stopping.StopRules:
