@@ -141,6 +141,11 @@ def from_loop_layout(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(back, params)
 
 
+def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """log_softmax(logits)[b, tokens[b]] -> [B], without writing the [B, V] log-softmax (two reductions)."""
+  return jnp.take_along_axis(logits, tokens[:, None], -1)[:, 0] - jax.nn.logsumexp(logits, -1)
+
+
 def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
@@ -200,7 +205,7 @@ class _Program:
     if strategy.needs_seen:
       seen = seen.at[jnp.arange(b), first].set(True)
       generated = generated.at[jnp.arange(b), first].set(True)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), first[:, None], -1)[:, 0]
+    lp = _token_logprob(logits, first)
     state = DecodeState(
         cache=cache, tokens=jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first), last=first,
         next_pos=positions[:, -1] + 1, done=_is_stop(first, stop_ids), num_tokens=jnp.ones((b,), jnp.int32),
@@ -235,7 +240,7 @@ class _Program:
         seen = seen.at[rows, idx].set(True, mode="drop")
         generated = generated.at[rows, idx].set(True, mode="drop")
       live = ~st.done
-      lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)
+      lp = _token_logprob(logits, tok)[:, None]
       return DecodeState(
           cache=cache, tokens=jax.lax.dynamic_update_slice(st.tokens, tok[:, None], (0, st.step)),
           last=jnp.where(live, tok, st.last), next_pos=st.next_pos + live, done=st.done | _is_stop(tok, stop_ids),
