@@ -100,9 +100,11 @@ def test_model_logprobs_match_model_logits():
   np.testing.assert_allclose(np.asarray(out.logprobs[:, 1:])[real], np.asarray(lp)[real], atol=2e-5)
 
 
-def _compiled_temp_bytes(vocab: int, naive: bool, r=4, t=64, d=32, budget=1 << 20) -> tuple[int, int]:
+def _compiled_temp_bytes(vocab: int, naive: bool, r=4, t=64, d=32, budget=1 << 20, save_logits=False,
+                         max_saved_bytes=0) -> tuple[int, int]:
   config = tiny_config("gemma2", vocab_size=vocab, embed_dim=d)
-  fn = naive_token_logprobs if naive else (lambda *a: token_logprobs(*a, max_chunk_bytes=budget, save_logits=False))
+  fn = naive_token_logprobs if naive else (lambda *a: token_logprobs(
+      *a, max_chunk_bytes=budget, save_logits=save_logits, max_saved_bytes=max_saved_bytes))
   step = jax.jit(jax.value_and_grad(lambda h, e, y: jnp.sum(fn(h, e, y, config).logprobs), (0, 1)))
   compiled = step.lower(jax.ShapeDtypeStruct((r, t, d), jnp.float32), jax.ShapeDtypeStruct((vocab, d), jnp.float32),
                         jax.ShapeDtypeStruct((r, t), jnp.int32)).compile()
@@ -126,3 +128,14 @@ def test_peak_memory_flat_in_vocab():
   work_small, work_large = chunk_small - table_small, chunk_large - table_large
   assert work_small <= 8 * budget and work_large <= 8 * budget, (work_small, work_large)
   assert chunk_large < naive_large / 10
+
+
+def test_logits_are_kept_only_when_they_fit_the_budget():
+  """save_logits=None: below `max_saved_bytes` the program holds the logits [R, T - 1, V] (no recompute);
+  above it, it stays at the chunk budget."""
+  r, t, vocab, budget = 4, 64, 65536, 1 << 20
+  logits_bytes = r * (t - 1) * vocab * 4
+  kept, table = _compiled_temp_bytes(vocab, False, save_logits=None, max_saved_bytes=logits_bytes)
+  chunked, _ = _compiled_temp_bytes(vocab, False, save_logits=None, max_saved_bytes=logits_bytes - 1)
+  assert kept - table >= logits_bytes
+  assert chunked - table <= 8 * budget, chunked - table
