@@ -43,10 +43,6 @@ def constrain_rows(mb: dict[str, jax.Array], mesh: Mesh | None) -> dict[str, jax
   return {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, P(BATCH_AXES))) for k, v in mb.items()}
 
 
-def _tree_select(ok: jax.Array, new: Any, old: Any) -> Any:
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array], aux: Any, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -67,14 +63,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], aux: Any, *, loss
 
   grad_norm = optax.global_norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+
+  def apply(_):
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), new_opt
+
+  # A branch, not a select over the trees: the usual (finite) step makes no extra pass over params and moments.
+  new_params, new_opt = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
   applied = state.step - state.nonfinite_total  # updates done so far = the optimizer's count
   run = jnp.where(ok, 0, state.nonfinite_run + 1)
   new_state = state.replace(
       step=state.step + 1,
-      params=_tree_select(ok, new_params, state.params),
-      opt_state=_tree_select(ok, new_opt, state.opt_state),
+      params=new_params,
+      opt_state=new_opt,
       rng=jax.random.key_data(jax.random.split(state.key)[0]),
       nonfinite_run=run.astype(jnp.int32),
       nonfinite_total=(state.nonfinite_total + (~ok)).astype(jnp.int32))
