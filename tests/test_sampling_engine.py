@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from gemma_jax.kernels import packed_matmul
 from gemma_jax.model import Transformer, init_cache, init_params
+from gemma_jax.model.transformer import WEIGHT_EQNS
 from gemma_jax.sampling import Sampler, SamplingParams
 from gemma_jax.sampling import engine
 from gemma_jax.sampling.streaming import IncrementalDecoder
@@ -222,16 +224,42 @@ def test_penalties_in_the_loop(g3):
     assert len(set(c.tokens)) == 20 and not set(c.tokens) & set(prompt)
 
 
-def test_loop_layout_views_back_to_the_params(g3):
-  """On CPU the Sampler keeps some attention weights transposed; the view the model reads is bitwise the
-  original tree, and the stored tree really is transposed (or the layout change would do nothing)."""
-  params = g3.params
-  stored = g3._run_params
-  back = jax.jit(engine.from_loop_layout)(stored)
-  assert jax.tree.structure(back) == jax.tree.structure(params)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
-  q = params["layer_0"]["attn"]["q_einsum"]["w"]  # [N, D, H] -> stored [D, N, H]
-  assert stored["layer_0"]["attn"]["q_einsum"]["w"].shape == (q.shape[1], q.shape[0], q.shape[2])
+def test_packed_copy_holds_every_matmul_weight_in_panels(g3):
+  """On CPU the Sampler runs a packed copy of the weights (tails of N % 32 columns included: vocab 300, D 48);
+  unpacked, it is bitwise the params, and it really is rearranged (or the kernel would read the wrong numbers)."""
+  assert g3.packed
+  stored, params = g3._run_params, g3.params
+  names = []
+
+  def check(path, p, s):
+    keys = [getattr(k, "key", None) for k in path]
+    name = keys[-2] if keys[-1] == "w" else keys[-1]
+    if name in WEIGHT_EQNS:
+      names.append(name)
+      assert s.shape == p.shape and not np.array_equal(np.asarray(s), np.asarray(p)), keys
+      np.testing.assert_array_equal(np.asarray(packed_matmul.unpack(WEIGHT_EQNS[name], s)), np.asarray(p))
+    else:
+      np.testing.assert_array_equal(np.asarray(s), np.asarray(p))
+  jax.tree_util.tree_map_with_path(check, params, stored)
+  assert set(names) == {"input_embedding", "q_einsum", "kv_einsum", "attn_vec_einsum", "gating_einsum", "linear"}
+
+
+def test_unpacked_sampler_gives_the_same_tokens_and_logprobs(g3, tiny_tokenizer):
+  """`packed=False` runs XLA's matmuls on the loop layout (attention weights stored transposed, viewed back
+  bitwise); both paths give the same greedy tokens, log-probs within 1e-5."""
+  plain = Sampler(g3.config, g3.params, tiny_tokenizer, prefill_chunk=16, min_cache=128, packed=False)
+  assert not plain.packed
+  back = jax.jit(engine.from_loop_layout)(plain._run_params)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, g3.params)
+  q = g3.params["layer_0"]["attn"]["q_einsum"]["w"]  # [N, D, H] -> stored [D, N, H]
+  assert plain._run_params["layer_0"]["attn"]["q_einsum"]["w"].shape == (q.shape[1], q.shape[0], q.shape[2])
+
+  prompts = [[2, 40, 41, 42, 43], [2, 90, 91]]
+  a = g3.generate(prompts, max_new_tokens=24, stop_ids=())
+  b = plain.generate(prompts, max_new_tokens=24, stop_ids=())
+  for x, y in zip(a, b):
+    assert x.tokens == y.tokens
+    np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
 
 
 def test_prompt_buckets_waste_at_most_a_third():

@@ -45,7 +45,7 @@ def test_greedy_equals_hf_including_past_the_window(real, generations):
   assert [sampler.encode_prompts([g["prompt"]])[0] for g in gens] == [g["prompt_ids"] for g in gens]
 
   # cached decode == full forward (f32, 1e-4): the log-prob of every generated token, recomputed without a cache
-  model = sampler.model
+  model = sampler.model  # the plain model, which reads ck.params (the sampler may run a packed copy)
   emb = ck.params["embedder"]["input_embedding"]
   from gemma_jax.model import logits_from_hidden
   fwd = jax.jit(lambda p, x, m: model.apply({"params": p}, x, input_mask=m, return_hidden=True)[0])

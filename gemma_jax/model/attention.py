@@ -20,6 +20,9 @@ from gemma_jax.model.layers import Einsum, RMSNorm, soft_cap
 from gemma_jax.model.rope import apply_rope
 from gemma_jax.model.sharding import ShardingContext, constrain
 
+# The projections (see `Attention.__call__`).
+Q_EQN, KV_EQN, QKV_EQN, OUT_EQN = "BTD,NDH->BTNH", "BTD,CKDH->CBTKH", "BTD,CNDH->CBTNH", "BTNH,NHD->BTD"
+
 # The official implementation's mask value: finite, so a fully masked row (padding) gives no NaN.
 MASK_VALUE = -2.3819763e38
 
@@ -41,10 +44,11 @@ class Attention(nn.Module):
   config: TransformerConfig
   attn_type: AttentionType
   sharding: ShardingContext | None = None
+  packed: bool = False  # weights in `packed_matmul` panels (see `Einsum`)
 
   def setup(self):
     c = self.config
-    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), packed=self.packed)
     if c.num_heads == c.num_kv_heads:  # MHA: one fused projection, as in the official checkpoints
       self.qkv_einsum = Einsum((3, c.num_heads, c.embed_dim, c.head_dim),
                                (None, "heads", "embed", "head_dim"), **kw)
@@ -70,10 +74,10 @@ class Attention(nn.Module):
     """
     c = self.config
     if c.num_heads == c.num_kv_heads:
-      q, k, v = self.qkv_einsum("BTD,CNDH->CBTNH", x)
+      q, k, v = self.qkv_einsum(QKV_EQN, x)
     else:
-      q = self.q_einsum("BTD,NDH->BTNH", x)
-      k, v = self.kv_einsum("BTD,CKDH->CBTKH", x)
+      q = self.q_einsum(Q_EQN, x)
+      k, v = self.kv_einsum(KV_EQN, x)
     if c.use_qk_norm:
       q, k = self._query_norm(q), self._key_norm(k)
     is_global = self.attn_type == AttentionType.GLOBAL
@@ -104,4 +108,4 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
     encoded = constrain(encoded, ("batch", "length", "heads", "head_dim"), self.sharding)
-    return self.attn_vec_einsum("BTNH,NHD->BTD", encoded), new_cache
+    return self.attn_vec_einsum(OUT_EQN, encoded), new_cache

@@ -8,22 +8,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_jax.kernels import packed_matmul
 from gemma_jax.model.sharding import param_init
+
+HEAD_EQN = "BTD,VD->BTV"  # the tied output head
 
 
 class Einsum(nn.Module):
-  """A weight `w` of `shape` contracted with the input by `eqn`, e.g. 'BTD,NDH->BTNH'."""
+  """A weight `w` of `shape` contracted with the input by `eqn`, e.g. 'BTD,NDH->BTNH'.
+
+  `packed`: `w` holds `packed_matmul.pack(eqn, w)` (f32 CPU decoding; see gemma_jax/kernels).
+  """
 
   shape: tuple[int, ...]
   axes: tuple[str | None, ...]
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   init_scale: float = 1.0
+  packed: bool = False
 
   @nn.compact
   def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
     w = self.param("w", param_init(fan_in_init(self.shape, eqn, self.init_scale), self.axes), self.shape,
                    self.param_dtype)
+    if self.packed:
+      return packed_matmul.einsum(eqn, x, w)
     return jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
 
 
@@ -57,12 +66,16 @@ class RMSNorm(nn.Module):
 
 
 class Embedder(nn.Module):
-  """Token embedding table [V, D], shared with the output head (tied weights)."""
+  """Token embedding table [V, D], shared with the output head (tied weights).
+
+  `packed`: the table holds `packed_matmul.pack(HEAD_EQN, table)` (f32 CPU decoding).
+  """
 
   vocab_size: int
   embed_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  packed: bool = False
 
   def setup(self):
     self.input_embedding = self.param(
@@ -71,11 +84,16 @@ class Embedder(nn.Module):
 
   def encode(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> [B, T, D], scaled by sqrt(D) rounded to the compute dtype (as the reference does)."""
-    x = jnp.take(self.input_embedding, tokens, axis=0).astype(self.dtype)
+    if self.packed:
+      x = packed_matmul.take_columns(HEAD_EQN, self.input_embedding, tokens)
+    else:
+      x = jnp.take(self.input_embedding, tokens, axis=0).astype(self.dtype)
     return x * jnp.asarray(self.embed_dim ** 0.5, dtype=self.dtype)
 
   def decode(self, x: jax.Array) -> jax.Array:
     """x [B, T, D] -> logits [B, T, V] in f32."""
+    if self.packed:
+      return packed_matmul.einsum(HEAD_EQN, x, self.input_embedding)
     return jnp.einsum("BTD,VD->BTV", x, self.input_embedding.astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
