@@ -12,7 +12,8 @@ Reported per batch size: decode tokens/s (all rows, steady state: the decode loo
 (prefill + first token, compiled), compile time (first call minus a steady call), and the fraction of the
 memory-bandwidth roofline: parameter bytes read per decode step / step time, against the bandwidth measured
 here with a large jitted reduction. HF decode tokens/s = B * (N - 1) / (t(N tokens) - t(1 token)), so its
-prefill is excluded too; its time to first token is t(1 token).
+prefill is excluded too; its time to first token is t(1 token). "no-kernel tok/s": ours again in the same run
+with `Sampler(packed=False)` (XLA's matmuls instead of the packed CPU kernel).
 """
 
 from __future__ import annotations
@@ -139,20 +140,26 @@ def main(argv=None) -> int:
   print(f"measured bandwidth (jitted 1 GiB f32 sum): {bandwidth / 1e9:.1f} GB/s; params {param_bytes / 1e9:.3f} GB",
         file=sys.stderr)
   report["ours"] = run_ours(sampler, batches, args.new_tokens, param_bytes, bandwidth)
+  if sampler.packed:  # the same run without the packed kernel: what it buys, measured side by side
+    plain = Sampler(config, params, tokenizer, packed=False)
+    report["ours_xla_matmul"] = run_ours(plain, batches, args.new_tokens, param_bytes, bandwidth)
+    del plain
   if not args.skip_hf:
     report["hf"] = run_hf(gguf, batches, args.new_tokens, args.threads)
   report["bandwidth_after_gb_s"] = measure_bandwidth() / 1e9
 
   print(f"{'batch':>5} {'ours tok/s':>10} {'HF tok/s':>9} {'speedup':>7} {'ours TTFT':>9} {'HF TTFT':>8} "
-        f"{'compile':>8} {'step ms':>8} {'roofline':>8} {'same tokens':>11}")
+        f"{'compile':>8} {'step ms':>8} {'roofline':>8} {'same tokens':>11} {'no-kernel tok/s':>15}")
   for b in batches:
     o, h = report["ours"][b], report.get("hf", {}).get(b)
+    x = report.get("ours_xla_matmul", {}).get(b)
+    plain = f"{x['decode_tok_s']:15.1f}" if x else f"{'-':>15}"
     hf_tok = f"{h['decode_tok_s']:9.1f}" if h else f"{'-':>9}"
     speed = f"{o['decode_tok_s'] / h['decode_tok_s']:6.2f}x" if h else f"{'-':>7}"
     hf_ttft = f"{h['ttft_s']:7.2f}s" if h else f"{'-':>8}"
     same = str(h["tokens"] == o["tokens"]) if h else "-"
     print(f"{b:>5} {o['decode_tok_s']:10.1f} {hf_tok} {speed} {o['ttft_s']:8.2f}s {hf_ttft} "
-          f"{o['compile_s']:7.1f}s {o['step_ms']:8.1f} {100 * o['roofline_fraction']:7.0f}% {same:>11}")
+          f"{o['compile_s']:7.1f}s {o['step_ms']:8.1f} {100 * o['roofline_fraction']:7.0f}% {same:>11} {plain}")
   print(json.dumps(report), file=sys.stderr)
   return 0
 

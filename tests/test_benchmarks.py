@@ -1,4 +1,5 @@
-"""The GPU benchmarks stay runnable on CPU (`--tiny`), and their FLOP count agrees with XLA's."""
+"""The GPU benchmarks and the packed-kernel benchmark stay runnable on CPU (`--tiny`), and the GPU ones' FLOP
+count agrees with XLA's."""
 
 from __future__ import annotations
 
@@ -57,3 +58,12 @@ def test_gpu_benchmarks_run_tiny_on_cpu(name, capsys):
     assert report["largest_batch_that_fits"] == 2 and 0 < report["runs"]["1"]["mfu"] < 1
   else:
     assert report["1"]["decode_tok_s"] > 0 and report["2"]["decode_tok_s"] > 0
+
+
+def test_packed_matmul_benchmark_runs_tiny(capsys):
+  from gemma_jax.kernels import packed_matmul
+  if not packed_matmul.available():
+    pytest.skip("no C++ compiler: packed kernel not built")
+  assert _load("packed_matmul_cpu").main(["--tiny", "--repeats=2"]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert report["decode"]["tiny"]["packed_gb_s"] > 0 and report["prefill"]["tiny prefill"]["packed_gflop_s"] > 0

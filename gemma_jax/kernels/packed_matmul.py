@@ -130,6 +130,8 @@ def unpack(eqn: str, packed: jax.Array) -> jax.Array:
 
 def matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
   """x [M, K] f32 @ the [K, n] weight held by `panels` (flat, as `pack` lays it out) -> [M, n] f32."""
+  if not available():
+    raise RuntimeError("the packed matmul kernel is unavailable here (CPU only; the log says why)")
   return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(x, panels.reshape(-1))
 
 
