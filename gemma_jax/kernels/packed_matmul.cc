@@ -1,11 +1,11 @@
 // y[M, N] = x[M, K] @ W[K, N] on CPU, for a weight W stored in panels: the first 32 * (N / 32) columns as
 // [N / 32, K, 32], each 32-column panel one contiguous block read front to back, then the last N % 32 columns
-// as [K, N % 32]. Meant for decode, where M (the batch) is small and the step is
-// bound by reading the weights: XLA's GEMM reads these shapes at about half the memory bandwidth.
+// as [K, N % 32]. Meant for decode, where M (the batch) is small and the step is bound by reading the
+// weights: XLA's GEMM reads these shapes at about half the memory bandwidth.
 //
-// Each panel is split over the threads of XLA's intra-op pool; within a panel, rows of x are taken kRows at a
+// The panels are split over the threads of XLA's intra-op pool; within a panel, rows of x are taken kRows at a
 // time, with kRows x 32 accumulators held in vector registers across the K loop. f32 throughout, fused
-// multiply-adds, the sum over K in order.
+// multiply-adds; the sum over K in order, or in up to 4 interleaved partial sums when few rows.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -19,39 +19,65 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kPanel = 32;
+// One vector register: 16 floats with AVX-512, 8 with AVX, else 4 (SSE, NEON). kRows: rows of x per block;
+// kAccs: accumulator registers a block may use, leaving room for the panel's row.
 #if defined(__AVX512F__)
-constexpr int kRows = 8;  // 8 x 2 zmm accumulators
+constexpr int kLanes = 16, kRows = 8, kAccs = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kRows = 2, kAccs = 8;
 #else
-constexpr int kRows = 4;  // 4 x 4 ymm (or smaller) accumulators
+constexpr int kLanes = 4, kRows = 2, kAccs = 8;
 #endif
+constexpr int kVecs = kPanel / kLanes;  // vector registers per panel row
 
-typedef float Vec16 __attribute__((vector_size(64)));
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
-inline Vec16 Load(const float* p) {
-  Vec16 v;
+inline Vec Load(const float* p) {
+  Vec v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof v); }
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
 // Rows [0, R) of x (row stride k) times one panel w [k, 32] -> y rows (row stride n), 32 columns.
+// With few rows, S independent partial sums over k (i mod S) keep enough multiply-adds in flight to hide
+// their latency; they are added at the end.
 template <int R>
 void PanelRows(const float* x, const float* w, float* y, int64_t k, int64_t n) {
-  Vec16 lo[R], hi[R];
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = Vec16{};
-  for (int64_t i = 0; i < k; ++i) {
-    const Vec16 w0 = Load(w + i * kPanel), w1 = Load(w + i * kPanel + 16);
-#pragma GCC unroll 8
+  constexpr int S = std::max(1, std::min(4, kAccs / (R * kVecs)));
+  Vec acc[S][R][kVecs];
+  for (int s = 0; s < S; ++s) {
     for (int r = 0; r < R; ++r) {
-      const float xv = x[r * k + i];
-      lo[r] += xv * w0;
-      hi[r] += xv * w1;
+      for (int v = 0; v < kVecs; ++v) acc[s][r][v] = Vec{};
+    }
+  }
+  int64_t i = 0;
+  for (; i + S <= k; i += S) {
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      Vec row[kVecs];
+#pragma GCC unroll 8
+      for (int v = 0; v < kVecs; ++v) row[v] = Load(w + (i + s) * kPanel + v * kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const float xv = x[r * k + i + s];
+#pragma GCC unroll 8
+        for (int v = 0; v < kVecs; ++v) acc[s][r][v] += xv * row[v];
+      }
+    }
+  }
+  for (; i < k; ++i) {
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < kVecs; ++v) acc[0][r][v] += x[r * k + i] * Load(w + i * kPanel + v * kLanes);
     }
   }
   for (int r = 0; r < R; ++r) {
-    Store(y + r * n, lo[r]);
-    Store(y + r * n + 16, hi[r]);
+    for (int v = 0; v < kVecs; ++v) {
+      Vec sum = acc[0][r][v];
+      for (int s = 1; s < S; ++s) sum += acc[s][r][v];
+      Store(y + r * n + v * kLanes, sum);
+    }
   }
 }
 
@@ -69,17 +95,17 @@ void Tail(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_
 void Panel(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n) {
   int64_t r = 0;
   for (; r + kRows <= m; r += kRows) PanelRows<kRows>(x + r * k, w, y + r * n, k, n);
-  switch (m - r) {
-    case 0: break;
+  switch (m - r) {  // the remaining rows, fewer than kRows
     case 1: PanelRows<1>(x + r * k, w, y + r * n, k, n); break;
+#if defined(__AVX512F__)
     case 2: PanelRows<2>(x + r * k, w, y + r * n, k, n); break;
     case 3: PanelRows<3>(x + r * k, w, y + r * n, k, n); break;
-#if defined(__AVX512F__)
     case 4: PanelRows<4>(x + r * k, w, y + r * n, k, n); break;
     case 5: PanelRows<5>(x + r * k, w, y + r * n, k, n); break;
     case 6: PanelRows<6>(x + r * k, w, y + r * n, k, n); break;
     case 7: PanelRows<7>(x + r * k, w, y + r * n, k, n); break;
 #endif
+    default: break;
   }
 }
 

@@ -8,7 +8,8 @@ N % 32 columns after them as [K, N % 32]) front to back at close to the bandwidt
 A packed weight keeps its logical shape: `pack(eqn, w)` returns an array of `w`'s shape whose memory holds the
 panels, so a params tree keeps its structure and shapes (Flax checks them). Only `einsum(eqn, x, w_packed)`
 reads it. f32 only; `available()` says whether the kernel could be built here (it is compiled once, on first
-use, with the system's C++ compiler for this CPU, and cached under `$GEMMA_JAX_CACHE/kernels`).
+use, with the system's C++ compiler for this CPU, and cached under `$GEMMA_JAX_CACHE/kernels`;
+`GEMMA_JAX_PACKED_MATMUL=0` switches it off everywhere).
 """
 
 from __future__ import annotations
@@ -137,12 +138,12 @@ def matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
 
 def einsum(eqn: str, x: jax.Array, packed: jax.Array) -> jax.Array:
   """`jnp.einsum(eqn, x, w)` for `packed = pack(eqn, w)`, through the kernel (f32)."""
-  xl, _, out, contracted, kept = _split(eqn)
+  xl, wl, out, contracted, kept = _split(eqn)
   batch = "".join(c for c in xl if c not in contracted)
   k, n = _matrix_shape(eqn, packed.shape)
   x2 = jnp.transpose(x.astype(jnp.float32), [xl.index(c) for c in batch + contracted]).reshape(-1, k)
   y = matmul(x2, packed, n)
-  sizes = dict(zip(xl, x.shape)) | dict(zip(_split(eqn)[1], packed.shape))
+  sizes = dict(zip(xl, x.shape)) | dict(zip(wl, packed.shape))
   y = y.reshape([sizes[c] for c in batch + kept])
   return jnp.transpose(y, [(batch + kept).index(c) for c in out])
 
