@@ -274,7 +274,7 @@ class Sampler:
     prefill_chunk: longest prompt chunk fed at once (longer prompts are prefilled chunk by chunk).
     min_cache: smallest cache bucket.
     packed: run the matmuls through the packed CPU kernel (`gemma_jax.kernels.packed_matmul`) on a copy of
-      the weights stored in its panels: at batch 8, decoding the 270M is ~1.5x faster. None (default): when
+      the weights stored in its panels: at batch 8, decoding the 270M is 1.5-1.75x faster. None (default): when
       it can (unsharded, f32, CPU, a C++ compiler here). The copy costs the params' bytes once more.
   """
 
