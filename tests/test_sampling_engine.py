@@ -224,6 +224,7 @@ def test_penalties_in_the_loop(g3):
     assert len(set(c.tokens)) == 20 and not set(c.tokens) & set(prompt)
 
 
+@pytest.mark.skipif(not packed_matmul.available(), reason="no C++ compiler: packed kernel not built")
 def test_packed_copy_holds_every_matmul_weight_in_panels(g3):
   """On CPU the Sampler runs a packed copy of the weights (tails of N % 32 columns included: vocab 300, D 48);
   unpacked, it is bitwise the params, and it really is rearranged (or the kernel would read the wrong numbers)."""
