@@ -30,4 +30,6 @@ def load_sampler(ckpt: str | None, *, dtype: str | None = None, mesh: str | None
   logging.info("loaded %s: %s (%s), kind=%s, template=%s, dtype=%s, %d devices (%s)", ckpt,
                ck.config.preset or ck.config.family, ck.config.family, ck.kind, ck.template,
                ck.config.param_dtype, jax.device_count(), jax.devices()[0].platform)
-  return ck, Sampler(ck.config, ck.params, ck.tokenizer, sharding=ctx, prefill_chunk=prefill_chunk)
+  sampler = Sampler(ck.config, ck.params, ck.tokenizer, sharding=ctx, prefill_chunk=prefill_chunk)
+  logging.info("matmuls: %s", "the packed CPU kernel (f32)" if sampler.packed else "XLA's")
+  return ck, sampler
