@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_config
 from gemma_jax.kernels import packed_matmul
 from gemma_jax.model import Transformer, init_cache, init_params
-from gemma_jax.model.transformer import WEIGHT_EQNS
+from gemma_jax.model.transformer import WEIGHT_EQNS, weight_name
 from gemma_jax.sampling import Sampler, SamplingParams
 from gemma_jax.sampling import engine
 from gemma_jax.sampling.streaming import IncrementalDecoder
@@ -233,11 +233,10 @@ def test_packed_copy_holds_every_matmul_weight_in_panels(g3):
   names = []
 
   def check(path, p, s):
-    keys = [getattr(k, "key", None) for k in path]
-    name = keys[-2] if keys[-1] == "w" else keys[-1]
+    name = weight_name(path)
     if name in WEIGHT_EQNS:
       names.append(name)
-      assert s.shape == p.shape and not np.array_equal(np.asarray(s), np.asarray(p)), keys
+      assert s.shape == p.shape and not np.array_equal(np.asarray(s), np.asarray(p)), path
       np.testing.assert_array_equal(np.asarray(packed_matmul.unpack(WEIGHT_EQNS[name], s)), np.asarray(p))
     else:
       np.testing.assert_array_equal(np.asarray(s), np.asarray(p))

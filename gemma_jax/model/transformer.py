@@ -166,10 +166,16 @@ def can_pack(config: TransformerConfig) -> bool:
   return f32 and packed_matmul.available()
 
 
+def weight_name(path) -> str | None:
+  """A params leaf's name from its tree path: the module's for an `Einsum` (`.../q_einsum/w` -> 'q_einsum'),
+  else the leaf's own ('input_embedding', 'gating_einsum', 'scale', ...)."""
+  names = [getattr(k, "key", None) for k in path]
+  return names[-2] if names[-1] == "w" and len(names) >= 2 else names[-1]
+
+
 def pack_params(params: dict) -> dict:
   """Every matmul weight of `params` in `packed_matmul` panels (same tree, same shapes) for `packed=True`."""
   def pack(path, x):
-    names = [getattr(k, "key", None) for k in path]
-    name = names[-2] if names[-1] == "w" else names[-1]
+    name = weight_name(path)
     return packed_matmul.pack(WEIGHT_EQNS[name], x) if name in WEIGHT_EQNS else x
   return jax.tree_util.tree_map_with_path(pack, params)

@@ -31,7 +31,7 @@ from gemma_jax.model import kv_cache
 from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.params import param_shardings
 from gemma_jax.model.sharding import ShardingContext
-from gemma_jax.model.transformer import Transformer, can_pack, few_rows_logits, pack_params
+from gemma_jax.model.transformer import Transformer, can_pack, few_rows_logits, pack_params, weight_name
 from gemma_jax.sampling import stopping
 from gemma_jax.sampling.streaming import IncrementalDecoder
 from gemma_jax.sampling.strategies import (SamplingParams, Strategy, StrategyValues, apply_penalties,
@@ -123,8 +123,7 @@ _CPU_LOOP_LAYOUTS = {"q_einsum": (1, 0, 2), "kv_einsum": (0, 1, 3, 2), "qkv_eins
 def _layout_perm(path) -> tuple[int, ...] | None:
   if jax.default_backend() != "cpu":
     return None
-  names = [getattr(k, "key", None) for k in path]
-  return _CPU_LOOP_LAYOUTS.get(names[-2]) if len(names) >= 2 and names[-1] == "w" else None
+  return _CPU_LOOP_LAYOUTS.get(weight_name(path)) if getattr(path[-1], "key", None) == "w" else None
 
 
 def to_loop_layout(params: Any) -> Any:
@@ -227,16 +226,18 @@ class _Program:
     TRACE_COUNTS["decode"] += 1
     end = jnp.minimum(state.step + num_steps, state.max_new)
     b = state.last.shape[0]
-    # the weights the loop carries, in the loop layout (behind a barrier, so XLA keeps the transposes outside)
+    # the weights the loop carries: as stored, else put in the loop layout here (behind a barrier, so XLA
+    # keeps the transposes outside the loop); `view` is what the model reads of them
     stored = self.stored_layout or self.packed
     carried = params if stored else jax.lax.optimization_barrier(to_loop_layout(params))
+    view = (lambda p: p) if self.packed else from_loop_layout
 
     def cond(carry):
       st = carry[0]
       return (st.step < end) & ~jnp.all(st.done)
 
     def body(carry):
-      st, params = carry[0], (carry[1] if self.packed else from_loop_layout(carry[1]))
+      st, params = carry[0], view(carry[1])
       hidden, cache = self._forward(params, st.last[:, None], st.next_pos[:, None], ~st.done[:, None], st.cache)
       logits = few_rows_logits(hidden[:, 0], params["embedder"]["input_embedding"], self.config, self.packed)
       key, sub = jax.random.split(st.key)
