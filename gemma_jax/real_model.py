@@ -15,14 +15,11 @@ import os
 
 from absl import logging
 
+from gemma_jax.paths import cache_dir
+
 NAME = "gemma3-270m-pt"
 # Bump when the conversion changes (GGUF reader fixes, metadata): cached copies with another value are redone.
 CONVERSION = 2
-
-
-def cache_dir() -> str:
-  """`$GEMMA_JAX_CACHE`, else `~/.cache/gemma_jax`."""
-  return os.path.expanduser(os.environ.get("GEMMA_JAX_CACHE") or os.path.join("~", ".cache", "gemma_jax"))
 
 
 def _source_info(gguf_path: str) -> dict:

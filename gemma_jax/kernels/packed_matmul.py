@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from gemma_jax.real_model import cache_dir
+from gemma_jax.paths import cache_dir
 
 PANEL = 32
 _SOURCE = os.path.join(os.path.dirname(__file__), "packed_matmul.cc")
