@@ -27,15 +27,31 @@ class DataError(UserError):
   """A dataset that cannot be read or validated."""
 
 
-def fail(message: str) -> NoReturn:
-  """Prints `error: message` to stderr and exits with status 1."""
+class Interrupted(BaseException):
+  """SIGINT / SIGTERM reached a program outside the places where it saves and stops cleanly.
+
+  A BaseException, like KeyboardInterrupt, so that `except Exception` never swallows it.
+  """
+
+  def __init__(self, signum: int, message: str = ""):
+    import signal
+    self.signum = signum
+    super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+  """Prints `error: message` to stderr and exits with `status`."""
   print(f"error: {message}", file=sys.stderr, flush=True)
-  raise SystemExit(1)
+  raise SystemExit(status)
 
 
 def run_main(main: Callable[..., object], *args, **kwargs) -> object:
-  """Runs `main`, turning a `UserError` into a one-line message and exit status 1."""
+  """Runs `main`; a `UserError` becomes a one-line message and exit status 1, an interrupt one line and 128 + signal."""
   try:
     return main(*args, **kwargs)
   except UserError as e:
     fail(str(e))
+  except Interrupted as e:
+    fail(str(e), 128 + e.signum)
+  except KeyboardInterrupt:
+    fail("interrupted (Ctrl-C)", 130)

@@ -150,3 +150,14 @@ def test_packing_fills_rows_in_order(tmp_path, tiny_tokenizer):
     np.testing.assert_array_equal(got, ex.ids)
   with pytest.raises(ConfigError, match="packing"):
     DataIterator(make_data(tmp_path, tiny_tokenizer, "preference", name="p.jsonl"), batch_size=2, packing=True)
+
+
+@pytest.mark.parametrize("kind,kw", CASES, ids=["preference", "sft", "sft-packed"])
+def test_fewer_examples_than_a_batch_is_an_error_not_a_hang(tmp_path, tiny_tokenizer, kind, kw):
+  data = make_data(tmp_path, tiny_tokenizer, kind, n=3)
+  # Packed, 3 short examples fill one row: 4 rows can never be made. Unpacked, 3 < 4 examples.
+  with pytest.raises(DataError, match="fewer than one batch of 4"):
+    it = DataIterator(data, batch_size=4, **kw)
+    next(it)
+  it = DataIterator(data, batch_size=4, drop_remainder=False, **kw)  # a partial batch is allowed here
+  assert next(it)["tokens"].shape[0] == (8 if kind == "preference" else 4)

@@ -78,6 +78,9 @@ class DataIterator:
     self._lengths = np.array([_length(ex) for ex in self.examples])
     if self._lengths.max() > self.max_length:
       raise ConfigError(f"an example has {self._lengths.max()} tokens, more than max_length={self.max_length}")
+    if not self.packing and self.drop_remainder and len(self.examples) < self.batch_size:
+      raise DataError(f"{data.path}: {len(self.examples)} examples, fewer than one batch of {self.batch_size}; "
+                      "lower the batch size or add data")
     self.fingerprint = fingerprint(self.examples)
     self.epoch, self.position, self.batches = 0, 0, 0
     self._order_epoch, self._order = -1, None
@@ -145,6 +148,9 @@ class DataIterator:
         if pos >= n:
           self.epoch, self.position = self.epoch + 1, 0
         return groups + [[] for _ in range(self.batch_size - len(groups))]
+      if self.position == 0:  # a whole epoch cannot fill one batch: every later epoch is the same
+        raise DataError(f"{len(self.examples)} examples pack into {len(groups)} rows, fewer than one batch of "
+                        f"{self.batch_size}; lower the batch size or add data")
       self.epoch, self.position = self.epoch + 1, 0  # too few left for a batch: next epoch
 
   def __next__(self) -> dict[str, np.ndarray]:
