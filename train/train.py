@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
+from gemma_jax import cli
+
+_CONFIG = cli.define_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                            "orpo_gemma3_270m_cpu.py"),
     "Run config file (configs/<recipe>.py[:arg]); override fields with --config.<field>=value.")
@@ -56,4 +57,4 @@ def _run():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
