@@ -6,7 +6,16 @@ from the command line: `python -m train.train --config=configs/orpo.py:gemma2_2b
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
+
 import ml_collections
+from ml_collections import config_dict
+
+from gemma_jax.errors import ConfigError
+from gemma_jax.model.config import DTYPES, REMAT, TransformerConfig
+from gemma_jax.training.optim import SCHEDULES
 
 OBJECTIVES = ("orpo", "sft", "dpo", "simpo")
 
@@ -18,7 +27,9 @@ def default_config() -> ml_collections.ConfigDict:
   # A gemma_jax checkpoint directory (convert HF / GGUF / Flax weights first), "real:gemma3-270m" (the real
   # Gemma 3 270M PT model shipped with the package), or a preset name ("gemma3-1b") for a random init.
   c.init_from = "real:gemma3-270m"
-  c.model_overrides = ml_collections.ConfigDict()  # TransformerConfig fields, e.g. num_layers (random init only)
+  # TransformerConfig fields to change, e.g. --config.model_overrides.num_layers=2 (None = keep). Fields that
+  # change parameter shapes apply to a random init only; a checkpoint start refuses them.
+  c.model_overrides = model_override_fields()
   c.tokenizer = ""  # SentencePiece model; default: the checkpoint's
   c.compute_dtype = "float32"  # "bfloat16": bf16 matmuls over f32 master weights
   c.param_dtype = "float32"  # the master weights (and the optimizer moments)
@@ -45,6 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_length = 1024  # tokens per row (prompt + response)
   c.data.shuffle = True
   c.data.packing = False  # SFT only: pack several examples per row
+  c.data.skip_invalid = False  # drop malformed records (counted and reported) instead of stopping
+  # Stop before training when more than this fraction of the records is dropped (too long for max_length,
+  # or malformed and skipped): 0.1 = at most 10%. 1.0 = never stop.
+  c.data.max_dropped_fraction = 0.1
 
   # --- schedule and optimizer ------------------------------------------------------------------------------
   c.batch_size = 8  # examples (pairs, for preference objectives) per optimizer step, over all hosts
@@ -74,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3  # run checkpoints kept (the latest ones)
   c.checkpoint.async_save = True
   c.checkpoint.keep_best = True  # also write <workdir>/best (our format) when the eval loss improves
+  c.checkpoint.verify = True  # check every tensor's checksum when restoring (False: faster, unchecked)
+  # Resume from this run checkpoint step instead of the latest (-1); later steps are moved aside, not deleted.
+  c.checkpoint.resume_step = -1
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 500  # steps between evaluations (and at the end); 0 = only at the end
@@ -84,5 +102,155 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 10  # steps between metric lines (metrics.jsonl, TensorBoard)
   c.progress = True  # progress bar (loss, tokens/s, ETA)
   c.max_nonfinite = 20  # stop after this many non-finite steps in a row
+  # A run in which more than this fraction of the steps was skipped (non-finite) ends with an error and no
+  # final/ model; the run checkpoints stay.
+  c.max_skipped_fraction = 0.5
   c.inject_nonfinite = ""  # testing only: comma-separated steps whose loss is made NaN ("" = none)
   return c
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model overrides
+
+
+RUN_LEVEL = ("dtype", "param_dtype", "remat", "preset")  # set by compute_dtype, param_dtype, remat instead
+
+
+def model_override_fields() -> ml_collections.ConfigDict:
+  """One typed placeholder (None) per scalar TransformerConfig field, so `--config.model_overrides.X=v` parses."""
+  hints = typing.get_type_hints(TransformerConfig)
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(TransformerConfig):
+    if f.name in RUN_LEVEL:
+      continue
+    kind = _scalar_type(hints[f.name])
+    if kind is not None:
+      c[f.name] = config_dict.placeholder(kind)
+  return c
+
+
+def _scalar_type(hint) -> type | None:
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  if hint in (int, float, bool, str):
+    return hint
+  if typing.get_origin(hint) is typing.Literal:
+    return str
+  if len(args) == 1 and args[0] in (int, float, bool, str):
+    return args[0]
+  return None
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict:
+  """The model_overrides that are set (not None), as a plain dict."""
+  overrides = config.model_overrides
+  if not isinstance(overrides, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(f"model_overrides={overrides!r}: set single fields, e.g. --config.model_overrides.num_layers=2")
+  known = {f.name for f in dataclasses.fields(TransformerConfig)}
+  out = {}
+  for k, v in dict(overrides).items():
+    if k not in known or k in RUN_LEVEL:
+      raise ConfigError(f"model_overrides.{k}: not a model field that can be overridden"
+                        + (f" (set --config.{'compute_dtype' if k == 'dtype' else k} instead)" if k in RUN_LEVEL[:3]
+                           else ""))
+    if v is not None:
+      out[k] = v
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation: the whole run config, before any work
+
+
+NLL_TARGETS = ("sequence", "response")
+MAX_SEED = 2**31 - 1
+
+
+def validate_run_config(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field that cannot work, before any file is read or written."""
+
+  def need(ok: bool, field: str, why: str) -> None:
+    if not ok:
+      node = c
+      for part in field.split("."):
+        node = node[part] if isinstance(node, (dict, ml_collections.ConfigDict)) and part in node else None
+      raise ConfigError(f"config field {field}={node!r}: {why}")
+
+  def integer(field: str, lo: int, hi: int | None = None) -> None:
+    v = _get(c, field)
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+    need(ok, field, f"must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+
+  def number(field: str, lo: float, hi: float | None = None, lo_open: bool = False) -> None:
+    v = _get(c, field)
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          and (v > lo if lo_open else v >= lo) and (hi is None or v <= hi))
+    need(ok, field, f"must be a finite number {'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None
+                                                                               else ""))
+
+  def choice(field: str, options) -> None:
+    need(_get(c, field) in options, field, f"use one of {', '.join(options)}")
+
+  def string(field: str) -> None:
+    need(isinstance(_get(c, field), str), field, "must be a string")
+
+  choice("objective", OBJECTIVES)
+  for f in ("init_from", "tokenizer", "data.train", "data.eval", "data.template", "mesh"):
+    string(f)
+  choice("compute_dtype", DTYPES)
+  choice("param_dtype", DTYPES)
+  choice("remat", REMAT)
+  model_overrides(c)
+  for f in ("loss.orpo_lambda", "loss.beta"):
+    number(f, 0.0, lo_open=True)
+  number("loss.gamma", -1e9)
+  number("loss.label_smoothing", 0.0, 0.5)
+  choice("loss.nll_target", NLL_TARGETS)
+  integer("loss.chunk_size", 0)
+  integer("loss.saved_logits_mib", 0)
+
+  number("data.eval_fraction", 0.0, 1.0)
+  need(c.data.eval_fraction < 1.0, "data.eval_fraction", "must be < 1 (some data must stay for training)")
+  integer("data.max_length", 2)
+  number("data.max_dropped_fraction", 0.0, 1.0)
+  for f in ("data.shuffle", "data.packing", "data.skip_invalid", "checkpoint.async_save", "checkpoint.keep_best",
+            "checkpoint.verify", "progress"):
+    need(isinstance(_get(c, f), bool), f, "must be true or false")
+  need(not c.data.packing or c.objective == "sft", "data.packing", "is for the sft objective only")
+
+  integer("batch_size", 1)
+  integer("grad_accum", 1)
+  need(c.batch_size % c.grad_accum == 0, "batch_size", f"must be a multiple of grad_accum={c.grad_accum}")
+  number("num_epochs", 0.0, lo_open=True)
+  integer("num_steps", 0)
+  need(c.num_steps > 0 or not c.data.packing, "num_steps", "must be set (> 0) with data.packing: the batches per "
+       "epoch are not known in advance")
+  integer("seed", 0, MAX_SEED)
+
+  number("optim.lr", 0.0)
+  choice("optim.schedule", SCHEDULES)
+  number("optim.warmup", 0.0)
+  number("optim.min_lr_ratio", 0.0, 1.0)
+  number("optim.weight_decay", 0.0)
+  number("optim.b1", 0.0, 1.0)
+  number("optim.b2", 0.0, 1.0)
+  number("optim.eps", 0.0)
+  number("optim.clip_norm", -math.inf)  # <= 0: no clipping
+
+  integer("checkpoint.every", 1)
+  integer("checkpoint.keep", 1)
+  integer("checkpoint.resume_step", -1)
+  integer("eval.every", 0)
+  integer("eval.max_batches", 0)
+  integer("eval.num_samples", 0)
+  integer("eval.sample_tokens", 1, 1 << 16)
+  integer("log_every", 1)
+  integer("max_nonfinite", 1)
+  number("max_skipped_fraction", 0.0, 1.0)
+  need(isinstance(c.inject_nonfinite, str), "inject_nonfinite", "must be a string of step numbers")
+
+
+def _get(c, field: str):
+  node = c
+  for part in field.split("."):
+    node = node[part]
+  return node
