@@ -97,3 +97,45 @@ def test_user_errors_are_one_line(files, tmp_path):
     r = run_cli(*args, "--kind=preference", "--template=gemma3")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_no_usable_examples_fails_like_training(files, tmp_path, capsys):
+  """An empty file (or one whose every example is dropped) is refused by training: inspect says the same, rc 1."""
+  from gemma_jax.data import LengthPolicy, prepare_dataset
+  from gemma_jax.errors import DataError, run_main
+  from gemma_jax.templates import get_template
+  from gemma_jax.tokenizer import Tokenizer
+  tok, _, _ = files
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  long = tmp_path / "long.jsonl"
+  long.write_text(json.dumps({"prompt": " ".join(["paris"] * 200), "chosen": "a", "rejected": "b"}) + "\n")
+  for path in (empty, long):
+    with pytest.raises(DataError) as training:
+      prepare_dataset(path, kind="preference", template=get_template("gemma3"), tokenizer=Tokenizer(tok),
+                      policy=LengthPolicy(128))
+    with pytest.raises(SystemExit) as e:
+      run_main(main, [str(path), "--kind=preference", "--template=gemma3", f"--tokenizer={tok}", "--max_length=128"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 1 and err == f"error: {training.value}\n"
+    assert "examples kept: 0" in out  # the statistics come first
+  assert str(training.value).endswith("long.jsonl: no usable examples (1 records, 0 malformed, 1 too long for "
+                                      "max_length=128)")
+
+
+def test_tokenizer_without_turn_tokens(files, tmp_path, capsys):
+  import io
+  import sentencepiece as spm
+  from gemma_jax.errors import run_main
+  _, ok, _ = files
+  out = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter([f"hello world {i} one two" for i in range(30)]),
+                                 model_writer=out, vocab_size=40, model_type="bpe", pad_id=0, eos_id=1, bos_id=2,
+                                 unk_id=3, minloglevel=2)
+  tok = tmp_path / "plain.model"
+  tok.write_bytes(out.getvalue())
+  with pytest.raises(SystemExit):
+    run_main(main, [ok, "--kind=preference", "--template=gemma", f"--tokenizer={tok}"])
+  assert capsys.readouterr().err == (f"error: --tokenizer={tok} has no <start_of_turn>, <end_of_turn> tokens, "
+                                     "which the 'gemma' template needs; use a Gemma tokenizer (or the completion "
+                                     "template)\n")

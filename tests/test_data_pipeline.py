@@ -171,7 +171,8 @@ def test_bad_preference_record(tmp_path, tiny_tokenizer, record, message):
   lines = str(e.value).splitlines()
   assert lines[0].startswith(f"{path}:2: ") and len(lines) == 2, lines
   assert re.search(message, lines[0]), lines[0]
-  assert "--skip_invalid" in lines[1]
+  assert lines[1] == (f"1 malformed record(s) in {path}; fix them, or skip them with "
+                      "--config.data.skip_invalid=true (training) or --skip_invalid (inspect)")
   data = prepare_dataset(path, kind="preference", template=G3, tokenizer=tiny_tokenizer, policy=policy,
                          skip_invalid=True)
   assert len(data.examples) == 2 and data.stats.invalid == 1 and data.stats.records == 3
@@ -219,6 +220,31 @@ def test_all_malformed_records_are_listed_before_failing(tmp_path, tiny_tokenize
   assert [i.where.rsplit(":", 1)[1] for i in e.value.invalid] == ["1", "2", "3"]
   with pytest.raises(DataError, match="no usable examples"):
     prep(tmp_path, recs[:3], tiny_tokenizer, skip_invalid=True)
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer():
+  """A SentencePiece model without Gemma's turn markers (<start_of_turn>, <end_of_turn>)."""
+  import io
+  import sentencepiece as spm
+  from gemma_jax.tokenizer import Tokenizer
+  out = io.BytesIO()
+  lines = [f"hello world how are you today {i} fine thanks one two three" for i in range(50)]
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=60, model_type="bpe",
+                                 pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+  return Tokenizer(out.getvalue())
+
+
+def test_tokenizer_without_turn_tokens_is_refused_once(tmp_path, plain_tokenizer):
+  """Not as "48 malformed records": the template needs tokens that the tokenizer does not have."""
+  recs = [{"prompt": "hello", "chosen": "fine thanks", "rejected": "one two"}] * 48
+  for name, want in [(None, "the tokenizer (60 pieces)"), ("plain.model", "plain.model")]:
+    with pytest.raises(ConfigError) as e:
+      prep(tmp_path, recs, plain_tokenizer, tokenizer_name=name)
+    assert str(e.value) == (f"{want} has no <start_of_turn>, <end_of_turn> tokens, which the 'gemma3' template "
+                            "needs; use a Gemma tokenizer (or the completion template)")
+  data = prep(tmp_path, recs, plain_tokenizer, template=get_template("completion"))  # needs only bos and eos
+  assert len(data.examples) == 48
 
 
 def test_workers_give_the_same_result(tmp_path, tiny_tokenizer):

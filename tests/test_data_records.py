@@ -128,3 +128,74 @@ def test_missing_and_unknown_files(tmp_path):
 
 def test_invalid_is_one_line():
   assert str(Invalid("f.jsonl:3", "missing field 'chosen'")) == "f.jsonl:3: missing field 'chosen'"
+
+
+# -- hostile files: names that escape, malformed metadata, deep nesting -------------------------------------
+
+def _arrow_dir(d, rows=ROWS, name="data-00000-of-00001.arrow"):
+  d.mkdir(exist_ok=True)
+  table = pa.Table.from_pylist(rows)
+  with pa.OSFile(str(d / name), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+    w.write_table(table)
+  return d
+
+
+def test_state_json_data_files_stay_inside_the_directory(tmp_path):
+  _arrow_dir(tmp_path / "outside")  # a readable dataset next door: it must not be read through ds/
+  d = _arrow_dir(tmp_path / "ds")
+  os.symlink(tmp_path / "outside" / "data-00000-of-00001.arrow", d / "link.arrow")
+  for name, why in [("/etc/passwd", "is not a relative name inside"),
+                    ("../outside/data-00000-of-00001.arrow", "leads outside"),
+                    ("link.arrow", "leads outside")]:
+    (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": name}]}))
+    with pytest.raises(DataError) as e:
+      read(d)
+    assert str(e.value) == (f"{d}/state.json: _data_files[0].filename: {name!r} {why} {d}; refusing to follow it")
+
+
+MALFORMED_STATE = [("[]", "malformed"), ('{"_data_files": "data.arrow"}', "malformed"),
+                   ('{"_data_files": [{"name": "x"}]}', "malformed"),
+                   ('{"_data_files": [{"filename": 3}]}', "expected a file name inside"),
+                   ('{"_data_files": [{"filename": ""}]}', "expected a file name inside"),
+                   ('{"_data_files": [', "not valid JSON"), ("[" * 100_000 + "]" * 100_000, "nested too deeply")]
+
+
+def test_malformed_save_to_disk_metadata_is_one_line(tmp_path):
+  d = _arrow_dir(tmp_path / "ds")
+  for text, message in MALFORMED_STATE:
+    (d / "state.json").write_text(text)
+    with pytest.raises(DataError, match=message) as e:
+      read(d)
+    assert str(e.value).startswith(f"{d}/state.json: ") and "\n" not in str(e.value)
+  (d / "state.json").unlink()
+  (d / "state.json").mkdir()
+  with pytest.raises(DataError, match="state.json: cannot read"):
+    read(d)
+  dd = tmp_path / "dd"
+  dd.mkdir()
+  for text, message in [('{"splits": "train"}', "malformed"), ("[1]", "malformed"),
+                        ('{"splits": [1]}', "malformed"), ('{"splits": ["tr', "not valid JSON"),
+                        ('{"a":' * 100_000 + "1" + "}" * 100_000, "too deeply")]:
+    (dd / "dataset_dict.json").write_text(text)
+    with pytest.raises(DataError, match=message) as e:
+      read(dd)
+    assert str(e.value).startswith(f"{dd}/dataset_dict.json: ") and "\n" not in str(e.value)
+
+
+def test_deeply_nested_records(tmp_path):
+  """100,000-deep JSON (json recurses per level) and 200-deep JSON (parseable) are per-record errors."""
+  deep = "[" * 100_000 + "]" * 100_000
+  medium = {"prompt": "p", "meta": json.loads("[" * 200 + "]" * 200)}
+  p = tmp_path / "d.jsonl"
+  p.write_text(f'{{"prompt": {deep}}}\n' + json.dumps(medium) + "\n" + json.dumps(ROWS[0]) + "\n")
+  got = read(p)
+  assert got[0] == (f"{p}:1", "INVALID: nested more than 100 levels deep; a record is a flat object of strings and "
+                    "message lists")
+  assert got[1] == (f"{p}:2", got[0][1]) and got[2] == (f"{p}:3", ROWS[0])
+  q = tmp_path / "d.json"
+  q.write_text(f'[\n{json.dumps(ROWS[0])},\n{{"prompt": {deep}}}\n]')
+  with pytest.raises(DataError, match=rf"{q}:3: a record nested more than 100 levels deep; the rest of the file"):
+    read(q)
+  r = tmp_path / "e.json"  # JSON Lines in a .json file, its first line too deep
+  r.write_text(f'{{"prompt": {deep}}}\n' + json.dumps(ROWS[0]) + "\n")
+  assert [w for w, _ in read(r)] == [f"{r}:1", f"{r}:2"]

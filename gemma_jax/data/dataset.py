@@ -5,7 +5,9 @@
 
 By default any malformed record stops preparation with `InvalidRecordsError`, whose message lists one
 `FILE:LINE: what is wrong` per record (all records are checked first, so one run shows every problem);
-`skip_invalid=True` skips and counts them. Dropped and truncated examples are counted in `data.stats`.
+`skip_invalid=True` skips and counts them (training: `--config.data.skip_invalid=true`; the inspect command:
+`--skip_invalid`). Dropped and truncated examples are counted in `data.stats`. A tokenizer that lacks the
+template's special tokens is refused once, up front (`check_tokenizer`), not as one error per record.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from gemma_jax.data.sft import parse_sft, tokenize_sequence
 from gemma_jax.data.truncation import LengthPolicy, PrepStats
 from gemma_jax.errors import ConfigError, DataError, UserError
 from gemma_jax.templates import ChatTemplate
-from gemma_jax.tokenizer import Tokenizer
+from gemma_jax.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
 
 KINDS = ("preference", "sft")
+SKIP_ADVICE = "skip them with --config.data.skip_invalid=true (training) or --skip_invalid (inspect)"
 
 
 class InvalidRecordsError(DataError):
@@ -43,6 +46,31 @@ class PreparedData:
   stats: PrepStats
   template: ChatTemplate
   policy: LengthPolicy
+
+
+def check_tokenizer(template: ChatTemplate, tokenizer: Tokenizer, name: str | None = None) -> None:
+  """ConfigError unless `tokenizer` has every special token `template` renders (name: for the message)."""
+  sp = tokenizer.special
+  need = {"<bos>": sp.bos, "<eos>": sp.eos}
+  if template.is_chat:
+    need.update({START_OF_TURN: sp.start_of_turn, END_OF_TURN: sp.end_of_turn})
+  missing = [piece for piece, i in need.items() if i is None or i < 0]
+  if missing:
+    what = name or f"the tokenizer ({tokenizer.vocab_size} pieces)"
+    only_turns = not set(missing) - {START_OF_TURN, END_OF_TURN}  # plain completion would still work
+    raise ConfigError(f"{what} has no {', '.join(missing)} token{'s' if len(missing) > 1 else ''}, which the "
+                      f"{template.name!r} template needs; use a Gemma tokenizer"
+                      + (" (or the completion template)" if only_turns else ""))
+
+
+def no_examples_error(data: "PreparedData") -> DataError:
+  """What training says of a dataset with no usable example (the inspect command says the same)."""
+  s = data.stats
+  if s.records == 0:
+    return DataError(f"{data.path}: no usable examples (it holds no records)")
+  return DataError(f"{data.path}: no usable examples ({s.records} records, {len(data.invalid)} malformed, "
+                   f"{s.dropped_prompt_too_long + s.dropped_response_too_long} too long for "
+                   f"max_length={data.policy.max_length})")
 
 
 def _process(records: list, kind: str, template: ChatTemplate, tokenizer: Tokenizer, policy: LengthPolicy,
@@ -97,15 +125,20 @@ def _chunks(it, size):
 def prepare_dataset(path: str | os.PathLike, *, kind: Literal["preference", "sft"], template: ChatTemplate,
                     tokenizer: Tokenizer, policy: LengthPolicy, skip_invalid: bool = False,
                     eos_target: bool | None = None, train_on: Literal["all", "last"] = "all",
-                    max_listed: int = 100, require_examples: bool = True, num_workers: int = 0) -> PreparedData:
+                    max_listed: int = 100, require_examples: bool = True, num_workers: int = 0,
+                    tokenizer_name: str | None = None) -> PreparedData:
   """Reads, validates, renders and fits every record of `path`.
 
-  eos_target: also train eos at the end of each reply; None = only for the completion template (where eos is
-  the only way a reply ends). train_on: SFT `messages`: every assistant reply ("all") or the last one.
+  skip_invalid: skip and count malformed records (`data.invalid`, `data.stats.invalid`) instead of raising
+  InvalidRecordsError. eos_target: also train eos at the end of each reply; None = only for the completion
+  template (where eos is the only way a reply ends). train_on: SFT `messages`: every assistant reply ("all")
+  or the last one. require_examples: DataError (`no_examples_error`) when no example is left.
   num_workers: tokenize in that many processes (0: in this one); the result is identical.
+  tokenizer_name: how messages name the tokenizer (e.g. its path); default: its size.
   """
   if kind not in KINDS:
     raise ConfigError(f"kind={kind!r}: use one of {', '.join(KINDS)}")
+  check_tokenizer(template, tokenizer, tokenizer_name)
   if eos_target is None:
     eos_target = not template.is_chat
   path = os.fspath(path)
@@ -133,10 +166,9 @@ def prepare_dataset(path: str | os.PathLike, *, kind: Literal["preference", "sft
     lines = [str(i) for i in invalid[:max_listed]]
     if len(invalid) > max_listed:
       lines.append(f"... and {len(invalid) - max_listed} more (python -m gemma_jax.data.inspect lists them all)")
-    lines.append(f"{len(invalid)} malformed record(s) in {path}; fix them, or skip them with --skip_invalid")
+    lines.append(f"{len(invalid)} malformed record(s) in {path}; fix them, or {SKIP_ADVICE}")
     raise InvalidRecordsError("\n".join(lines), invalid)
+  data = PreparedData(kind, path, examples, invalid, stats, template, policy)
   if require_examples and not examples:
-    raise DataError(f"{path}: no usable examples ({stats.records} records, {len(invalid)} malformed, "
-                    f"{stats.dropped_prompt_too_long + stats.dropped_response_too_long} too long for "
-                    f"max_length={policy.max_length})")
-  return PreparedData(kind, path, examples, invalid, stats, template, policy)
+    raise no_examples_error(data)
+  return data

@@ -6,6 +6,7 @@
 
 Every malformed record is listed as `FILE:LINE: what is wrong`. Without `--skip_invalid` the command then
 fails (exit status 1) and prints nothing else; with it, they are skipped, counted, and the statistics follow.
+A file that leaves no usable example fails after its statistics, with the message training gives.
 `--tokenizer`: `real` (the real Gemma 3 270M's vocabulary), a `tokenizer.model` file, a checkpoint directory
 holding one, or a `.gguf` file.
 """
@@ -65,7 +66,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from gemma_jax.data.dataset import InvalidRecordsError, prepare_dataset
+  from gemma_jax.data.dataset import InvalidRecordsError, no_examples_error, prepare_dataset
   from gemma_jax.data.truncation import LengthPolicy
   from gemma_jax.templates import get_template
 
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
   try:
     data = prepare_dataset(args.file, kind=args.kind, template=template, tokenizer=tokenizer, policy=policy,
                            skip_invalid=args.skip_invalid, eos_target=args.eos_target, train_on=args.train_on,
-                           max_listed=sys.maxsize, require_examples=False, num_workers=args.num_workers)
+                           max_listed=sys.maxsize, require_examples=False, num_workers=args.num_workers,
+                           tokenizer_name=f"--tokenizer={args.tokenizer}")
   except InvalidRecordsError as e:
     for bad in e.invalid:
       print(bad, flush=True)
@@ -98,6 +100,9 @@ def main(argv=None) -> int:
   for name in s.lengths:
     pct = s.percentiles(name, qs)
     print(f"  {name:<11} " + " ".join(f"{pct[q]:>7}" for q in qs))
+  if not data.examples:  # training refuses such a file: so does its check
+    sys.stdout.flush()
+    raise no_examples_error(data)
   return 0
 
 

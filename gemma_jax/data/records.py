@@ -17,7 +17,12 @@ import json
 import os
 from typing import Any, Iterator
 
-from gemma_jax.errors import DataError
+from gemma_jax.errors import DataError, UserError
+from gemma_jax.paths import inside
+
+# Records are flat (fields of strings and message lists); anything deeper is refused before code that recurses
+# (or pickles records for worker processes) meets it.
+MAX_DEPTH = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +78,13 @@ def _refuse_single_object(path: str) -> None:
   try:
     json.loads(lines[0])
     return
+  except RecursionError:
+    return  # a JSON Lines file whose first record is too deep: reported line by line
   except ValueError:
     pass
   try:
     obj = json.loads(raw)
-  except ValueError:
+  except (ValueError, RecursionError):
     return  # broken JSON Lines: reported line by line
   if isinstance(obj, dict):
     keys = [k for k, v in obj.items() if isinstance(v, list)]
@@ -86,10 +93,15 @@ def _refuse_single_object(path: str) -> None:
                     "(one object per line)")
 
 
+TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep; a record is a flat object of strings and message lists"
+
+
 def _check_object(obj: Any, where: str) -> Record | Invalid:
   if not isinstance(obj, dict):
     return Invalid(where, f"expected a JSON object, got {_type_name(obj)}")
   bad = _find_bad_text(obj)
+  if bad is _DEEP:
+    return Invalid(where, TOO_DEEP)
   if bad is not None:
     return Invalid(where, f"field {bad!r} is not valid UTF-8 text (invalid bytes or a lone surrogate)")
   return Record(where, obj)
@@ -112,6 +124,9 @@ def _read_jsonl(path: str) -> Iterator[Record | Invalid]:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         yield Invalid(where, f"broken JSON: {e.msg} at column {e.colno}")
+        continue
+      except RecursionError:  # json recurses once per nesting level
+        yield Invalid(where, TOO_DEEP)
         continue
       yield _check_object(obj, where)
 
@@ -144,6 +159,9 @@ def _read_json_array(path: str) -> Iterator[Record | Invalid]:
     except json.JSONDecodeError as e:
       raise DataError(f"{path}:{e.lineno}: broken JSON: {e.msg} at column {e.colno}; the rest of the file cannot "
                       "be read (JSON Lines files can skip a broken line)") from None
+    except RecursionError:
+      raise DataError(f"{path}:{start_line}: a record nested more than {MAX_DEPTH} levels deep; the rest of the file "
+                      "cannot be read (JSON Lines files can skip a bad line)") from None
     yield _check_object(obj, f"{path}:{start_line}")
     i = skip_ws(i)
     if i < n and text[i] == ",":
@@ -171,20 +189,30 @@ def _read_parquet(path: str) -> Iterator[Record | Invalid]:
 
 def _read_arrow_dir(path: str) -> Iterator[Record | Invalid]:
   import pyarrow as pa
+  resave = "re-save it with `datasets` save_to_disk"
   dict_file = os.path.join(path, "dataset_dict.json")
   if os.path.exists(dict_file):
-    splits = _load_json(dict_file).get("splits", [])
+    d = _load_json(dict_file)
+    splits = d.get("splits") if isinstance(d, dict) else None
+    if not isinstance(splits, list) or not all(isinstance(x, str) for x in splits):
+      raise DataError(f'{dict_file}: malformed (expected {{"splits": [names of splits]}}); {resave}')
     raise DataError(f"{path}: a DatasetDict with splits {', '.join(splits)}; pass one split, e.g. "
                     f"{os.path.join(path, splits[0] if splits else 'train')}")
   state_file = os.path.join(path, "state.json")
   if not os.path.exists(state_file):
     raise DataError(f"{path}: a directory, but not one written by `datasets.Dataset.save_to_disk` (no state.json)")
-  files = [d["filename"] for d in _load_json(state_file).get("_data_files", [])]
-  if not files:
+  state = _load_json(state_file)
+  entries = state.get("_data_files") if isinstance(state, dict) else None
+  if not isinstance(entries, list) or not all(isinstance(e, dict) and "filename" in e for e in entries):
+    raise DataError(f'{state_file}: malformed (expected "_data_files": [{{"filename": ...}}, ...]); {resave}')
+  if not entries:
     raise DataError(f"{state_file}: lists no data files")
+  try:  # a data file is only read inside the dataset's directory
+    files = [inside(path, e["filename"], f"{state_file}: _data_files[{i}].filename") for i, e in enumerate(entries)]
+  except UserError as e:
+    raise DataError(str(e)) from None
   n = 0
-  for name in files:
-    file = os.path.join(path, name)
+  for file in files:
     try:
       with pa.memory_map(file) as source:
         try:
@@ -199,33 +227,46 @@ def _read_arrow_dir(path: str) -> Iterator[Record | Invalid]:
         yield _check_object(row, f"{path}:{n}")
 
 
-def _load_json(path: str) -> dict:
+def _load_json(path: str) -> Any:
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  except (OSError, ValueError) as e:
-    raise DataError(f"{path}: cannot read: {e}") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror})") from None
+  except RecursionError:
+    raise DataError(f"{path}: JSON nested too deeply to read; re-save the dataset with `datasets` "
+                    "save_to_disk") from None
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise DataError(f"{path}: not valid JSON ({e}); re-save the dataset with `datasets` save_to_disk") from None
 
 
-def _find_bad_text(obj: Any, field: str = "") -> str | None:
-  """The first field (dotted path) holding text that cannot be encoded as UTF-8, or None."""
-  if isinstance(obj, str):
-    try:
-      obj.encode("utf-8")
-    except UnicodeEncodeError:
-      return field or "<record>"
-    return None
-  if isinstance(obj, dict):
-    for k, v in obj.items():
-      bad = _find_bad_text(k, field) if isinstance(k, str) else None
-      bad = bad or _find_bad_text(v, f"{field}.{k}" if field else str(k))
-      if bad:
-        return bad
-  elif isinstance(obj, list):
-    for i, v in enumerate(obj):
-      bad = _find_bad_text(v, f"{field}[{i}]")
-      if bad:
-        return bad
+_DEEP = "<too deep>"  # what _find_bad_text returns for a record nested deeper than MAX_DEPTH
+
+
+def _find_bad_text(obj: Any) -> str | None:
+  """The first field (dotted path) holding text that cannot be encoded as UTF-8, `_DEEP`, or None.
+
+  Iterative: a record nested deeper than the interpreter's recursion limit must not crash the reader.
+  """
+  stack = [(obj, "", 0)]
+  while stack:
+    x, field, depth = stack.pop()
+    if depth > MAX_DEPTH:
+      return _DEEP
+    if isinstance(x, str):
+      try:
+        x.encode("utf-8")
+      except UnicodeEncodeError:
+        return field or "<record>"
+    elif isinstance(x, dict):
+      items = []
+      for k, v in x.items():
+        if isinstance(k, str):
+          items.append((k, field, depth + 1))
+        items.append((v, f"{field}.{k}" if field else str(k), depth + 1))
+      stack.extend(reversed(items))  # depth first, in order: the first bad field is reported
+    elif isinstance(x, list):
+      stack.extend(reversed([(v, f"{field}[{i}]", depth + 1) for i, v in enumerate(x)]))
   return None
 
 
