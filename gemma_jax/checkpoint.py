@@ -4,7 +4,7 @@ A checkpoint is a directory:
 
     <path>/metadata.json     format version, model config, family/preset, kind (pt/it), chat template,
                              provenance (gemma_jax version, what it was converted from), param dtype and count,
-                             every tensor's shape and dtype
+                             every tensor's shape, dtype and checksum (`gemma_jax.integrity`)
     <path>/params/<group>/   the parameter tree, one orbax checkpoint per top-level group (embedder,
                              layer_0, ..., final_norm), so saving stages at most one group's host copy;
                              restored shard by shard onto a mesh
@@ -12,8 +12,11 @@ A checkpoint is a directory:
     <path>/COMPLETE          written last: a directory without it is never loaded
 
 `save` writes everything into `<path>.tmp-<random>` and renames it into place, so a crash mid-write leaves
-no directory that looks valid. `load` refuses anything else with one line saying what the path is and, for
-HF / GGUF / official Flax sources, the exact `python -m gemma_jax.convert` command to run.
+no directory that looks valid; a failed save (disk full) is one CheckpointError line and removes its partial
+copy. `load` verifies every tensor against its saved checksum (checkpoints from before checksums load
+unverified) and refuses anything else with one line saying what the path is and, for HF / GGUF / official
+Flax sources, the exact `python -m gemma_jax.convert` command to run. `remove_stale_temporaries` clears what
+killed saves leave behind.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import secrets
 import shutil
 from typing import Any, Literal
@@ -30,10 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_jax.errors import CheckpointError
+from gemma_jax import integrity
+from gemma_jax.errors import CheckpointError, UserError
 from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.params import compare_to_config, flatten
 from gemma_jax.model.sharding import ShardingContext
+from gemma_jax.paths import inside
 from gemma_jax.tokenizer import Tokenizer
 
 FORMAT = "gemma_jax"
@@ -163,7 +169,18 @@ def _looks_native(path: str) -> bool:
   try:
     with open(os.path.join(path, METADATA_FILE)) as f:
       return json.load(f).get("format") == FORMAT
-  except (OSError, ValueError, AttributeError):
+  except (OSError, ValueError, AttributeError, RecursionError):
+    return False
+
+
+def _ours_but_damaged(path: str) -> bool:
+  """A directory with a metadata.json that does not parse but is otherwise one of ours (or says so)."""
+  if os.path.isfile(os.path.join(path, COMPLETE_FILE)) or os.path.isdir(os.path.join(path, PARAMS_DIR)):
+    return True
+  try:
+    with open(os.path.join(path, METADATA_FILE), "rb") as f:
+      return f'"{FORMAT}"'.encode() in f.read(1 << 16)
+  except OSError:
     return False
 
 
@@ -175,13 +192,14 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
          tokenizer: Tokenizer | None = None, template: dict[str, Any] | None = None,
          kind: Kind | None = None, provenance: dict[str, Any] | None = None,
          extra: dict[str, Any] | None = None, overwrite: bool = True) -> None:
-  """Writes a checkpoint atomically (temporary directory, then rename).
+  """Writes a checkpoint atomically (temporary directory, then rename), with a checksum of every tensor.
 
   params: our nested tree; numpy arrays or jax arrays (sharded ones are written shard by shard by each
-  process). template: `ChatTemplate.to_dict()` or None. kind: "pt", "it" or None. provenance: e.g.
-  {"converted_from": {"format": "hf", "path": ...}}; gemma_jax's version and the time are added.
-  overwrite: replace an existing gemma_jax checkpoint at `path` (a directory that is not one is never
-  replaced).
+  process, and checksummed where they live). template: `ChatTemplate.to_dict()` or None. kind: "pt", "it" or
+  None. provenance: e.g. {"converted_from": {"format": "hf", "path": ...}}; gemma_jax's version and the time
+  are added. overwrite: replace an existing gemma_jax checkpoint at `path` (a directory that is not one is
+  never replaced). A storage failure (disk full) raises one CheckpointError line; the partial copy is removed
+  and a checkpoint already at `path` is kept.
   """
   import orbax.checkpoint as ocp
 
@@ -190,8 +208,10 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
     raise CheckpointError(f"kind={kind!r}: use 'pt' (pretrained), 'it' (instruction-tuned) or None")
   if template is not None and not isinstance(template, dict):
     raise CheckpointError(f"template: expected ChatTemplate.to_dict() (a dict), got {type(template).__name__}")
-  if os.path.lexists(path):
-    if not os.path.isdir(path) or not _looks_native(path):
+  existed = os.path.lexists(path)
+  if existed:
+    ours = _looks_native(path) or (os.path.isfile(os.path.join(path, METADATA_FILE)) and _ours_but_damaged(path))
+    if not os.path.isdir(path) or not ours:
       raise CheckpointError(f"{path} exists and is not a gemma_jax checkpoint; refusing to overwrite it "
                             "(choose another path or delete it)")
     if not overwrite:
@@ -199,6 +219,9 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
   check_params(config, params, where=f"saving {path}")
 
   flat = flatten(params)
+  sums = {}
+  for group in sorted(params):  # one group at a time bounds the device copy of numpy parameters
+    sums.update({f"{group}/{k}": v for k, v in integrity.fingerprints(params[group]).items()})
   dtypes = sorted({_dtype_name(x) for x in flat.values()})
   if len(dtypes) == 1 and dtypes[0] != config.param_dtype:
     config = config.replace(param_dtype=dtypes[0])  # the config describes what is on disk
@@ -213,7 +236,9 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
       "tokenizer": TOKENIZER_FILE if tokenizer is not None else None,
       "param_dtype": dtypes[0] if len(dtypes) == 1 else "mixed",
       "num_params": _count(params),
-      "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v)} for k, v in sorted(flat.items())},
+      "checksum_algorithm": integrity.ALGORITHM,
+      "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v), "checksum": sums[k]}
+                  for k, v in sorted(flat.items())},
       "provenance": {"gemma_jax_version": _version(),
                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      **(provenance or {})},
@@ -226,11 +251,12 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
 
   parent = os.path.dirname(path)
   tmp = f"{path}.tmp-{_random_suffix()}"
-  if _is_primary():
-    os.makedirs(parent, exist_ok=True)
-    os.makedirs(tmp)
-  _sync(f"gemma_jax_save_mkdir:{tmp}")
+  integrity.quiet_enter()  # orbax logs each failed write thread's traceback; we report the failure once
   try:
+    if _is_primary():
+      os.makedirs(parent, exist_ok=True)
+      os.makedirs(tmp)
+    _sync(f"gemma_jax_save_mkdir:{tmp}")
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=COMPRESS))
     for group in sorted(params):
       # One orbax item per top-level group: orbax stages a host copy of what it writes, so this bounds the
@@ -245,10 +271,19 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
     if _is_primary():
       _move_into_place(tmp, path)
     _sync(f"gemma_jax_save_done:{tmp}")
-  except BaseException:  # KeyboardInterrupt too: leave nothing half-written behind
+  except BaseException as e:  # KeyboardInterrupt too: leave nothing half-written behind
     if _is_primary():
       shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    reason = integrity.storage_failure(e) if isinstance(e, Exception) else None
+    if reason is None:
+      raise
+    kept = (f"the checkpoint already at {path} is intact" if existed and os.path.isdir(path)
+            else f"nothing was written to {path}")
+    todo = "free some space" if "No space left" in reason else "fix that"
+    raise CheckpointError(f"saving {path} failed: {reason}; the partial copy was removed and {kept}; {todo} "
+                          "and save again") from None
+  finally:
+    integrity.quiet_exit()
 
 
 def _move_into_place(tmp: str, path: str) -> None:
@@ -257,7 +292,12 @@ def _move_into_place(tmp: str, path: str) -> None:
   if os.path.lexists(path):
     old = f"{path}.old-{secrets.token_hex(4)}"
     os.rename(path, old)
-  os.rename(tmp, path)
+  try:
+    os.rename(tmp, path)
+  except BaseException:
+    if old is not None:
+      os.rename(old, path)  # put the previous checkpoint back
+    raise
   try:  # make the rename durable
     fd = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
@@ -270,27 +310,129 @@ def _move_into_place(tmp: str, path: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+_STALE = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
+_OURS = {METADATA_FILE, PARAMS_DIR, TOKENIZER_FILE, COMPLETE_FILE}
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+  """Clears what interrupted `save`s (kill -9, power loss) left in `directory`; returns what it did.
+
+  `<name>.tmp-XXXXXXXX` (a save that never finished) is removed; `<name>.old-XXXXXXXX` (the previous copy,
+  moved aside just before the new one took its place) is removed when `<name>` is a complete checkpoint, and
+  renamed back to `<name>` when the kill came between the two renames and it is the only complete copy.
+  Only directories holding nothing but checkpoint files are touched. Call it when no save into `directory`
+  can be in flight (the training loop holds its workdir lock), on one process.
+  """
+  directory = os.fspath(directory)
+  done = []
+  try:
+    names = sorted(os.listdir(directory))
+  except FileNotFoundError:
+    return done
+  for entry in names:
+    m = _STALE.match(entry)
+    full = os.path.join(directory, entry)
+    if not m or os.path.islink(full) or not os.path.isdir(full) or not set(os.listdir(full)) <= _OURS:
+      continue
+    target = os.path.join(directory, m.group("name"))
+    if m.group("kind") == "old" and not os.path.lexists(target) and is_checkpoint(full):
+      os.rename(full, target)
+      done.append(f"restored {target} from {full}")
+    else:
+      shutil.rmtree(full)
+      done.append(f"removed {full}")
+  return done
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Load
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  """The metadata of a complete checkpoint, without touching the parameters (CheckpointError otherwise)."""
+  """The metadata of a complete checkpoint, without touching the parameters (CheckpointError otherwise).
+
+  Checked: it parses, the format version, and the type of every entry `load` reads (config, tensors with
+  their shapes / dtypes / checksums, tokenizer, template, kind).
+  """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file or directory")
+  md_path = os.path.join(path, METADATA_FILE)
   if not _looks_native(path):
+    if os.path.isdir(path) and os.path.isfile(md_path) and _ours_but_damaged(path):
+      if "format" not in _parse_metadata(md_path):  # raises for a metadata.json that does not parse
+        raise CheckpointError(f"{md_path}: damaged metadata.json (no 'format' entry); re-create the checkpoint "
+                              "(convert or save it again)")
     _raise_not_native(path)
   if not os.path.isfile(os.path.join(path, COMPLETE_FILE)):
     raise CheckpointError(f"{path}: incomplete gemma_jax checkpoint (no {COMPLETE_FILE} marker: its save was "
                           "interrupted); delete it and save or convert again")
-  with open(os.path.join(path, METADATA_FILE)) as f:
-    metadata = json.load(f)
+  metadata = _parse_metadata(md_path)
   version = metadata.get("format_version")
-  if not isinstance(version, int) or version > FORMAT_VERSION:
+  if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    raise CheckpointError(f"{md_path}: invalid format_version {version!r} (expected a positive integer); the "
+                          "metadata is damaged")
+  if version > FORMAT_VERSION:
     raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this gemma_jax "
                           f"({_version()}, format {FORMAT_VERSION}) reads; upgrade gemma_jax")
+  _check_metadata(md_path, metadata)
   return metadata
+
+
+def _parse_metadata(md_path: str) -> Any:
+  """The parsed metadata.json, or one line saying it is damaged (truncated, not JSON, absurdly nested)."""
+  try:
+    with open(md_path, "rb") as f:
+      metadata = json.loads(f.read().decode("utf-8"))
+  except OSError as e:
+    raise CheckpointError(f"{md_path}: cannot read it ({e.strerror})") from None
+  except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+    raise CheckpointError(f"{md_path}: damaged metadata.json ({why}); re-create the checkpoint (convert or save "
+                          "it again)") from None
+  if not isinstance(metadata, dict):
+    raise CheckpointError(f"{md_path}: damaged metadata.json (expected a JSON object, got "
+                          f"{type(metadata).__name__}); re-create the checkpoint (convert or save it again)")
+  return metadata
+
+
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _check_metadata(md_path: str, md: dict[str, Any]) -> None:
+  def bad(field: str, value: Any, want: str) -> None:
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    raise CheckpointError(f"{md_path}: {field}={shown}: expected {want}; the metadata is damaged")
+
+  if not isinstance(md.get("config"), dict):
+    bad("config", md.get("config"), "the model config (a JSON object)")
+  tensors = md.get("tensors")
+  if not isinstance(tensors, dict) or not tensors:
+    bad("tensors", tensors, "a JSON object of tensor name -> {shape, dtype, checksum}")
+  algorithm = md.get("checksum_algorithm")
+  if algorithm is not None and algorithm != integrity.ALGORITHM:
+    raise CheckpointError(f"{md_path}: checksum_algorithm={algorithm!r} is unknown to this gemma_jax "
+                          f"({_version()}, which writes {integrity.ALGORITHM!r}); upgrade gemma_jax")
+  for name, t in tensors.items():
+    if not isinstance(t, dict):
+      bad(f"tensors[{name!r}]", t, "{shape, dtype, checksum}")
+    shape = t.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+      bad(f"tensors[{name!r}].shape", shape, "a list of non-negative integers")
+    if not isinstance(t.get("dtype"), str):
+      bad(f"tensors[{name!r}].dtype", t.get("dtype"), "a dtype name")
+    if algorithm is not None and not (isinstance(t.get("checksum"), str) and _HEX16.match(t["checksum"])):
+      bad(f"tensors[{name!r}].checksum", t.get("checksum"), "16 hex digits")
+  if md.get("tokenizer") is not None and not isinstance(md["tokenizer"], str):
+    bad("tokenizer", md["tokenizer"], "a file name inside the checkpoint or null")
+  if md.get("template") is not None and not isinstance(md["template"], dict):
+    bad("template", md["template"], "ChatTemplate.to_dict() (a JSON object) or null")
+  if md.get("kind") not in (*KINDS, None):
+    bad("kind", md["kind"], "'pt', 'it' or null")
+  for field in ("provenance", "extra"):
+    if md.get(field) is not None and not isinstance(md[field], dict):
+      bad(field, md[field], "a JSON object")
 
 
 def _raise_not_native(path: str) -> None:
@@ -309,24 +451,23 @@ def _as_context(sharding) -> ShardingContext | None:
 
 
 def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Mesh | None = None,
-         mesh: jax.sharding.Mesh | None = None, dtype: str | None = None) -> Checkpoint:
+         mesh: jax.sharding.Mesh | None = None, dtype: str | None = None, verify: bool = True) -> Checkpoint:
   """Reads a checkpoint written by `save`.
 
   sharding: a ShardingContext (or a Mesh; `mesh=` says the same): each device restores only its shard of
   every parameter, placed by `param_shardings(config, ctx)`; None: the parameters land on the first local
   device. dtype: cast the parameters on restore ("float32", "bfloat16", ...); the config's param_dtype follows.
+  verify: check every tensor against its saved checksum, on the restored arrays where they live (no host
+  gathers one); checkpoints saved before checksums existed load unverified. A damaged tensor or file is one
+  CheckpointError line naming it.
   """
   import orbax.checkpoint as ocp
   from gemma_jax.model.params import param_shapes, param_shardings
 
   path = os.path.abspath(os.fspath(path))
   metadata = read_metadata(path)
-  try:
-    config = TransformerConfig.from_dict(metadata["config"])
-  except KeyError:
-    raise CheckpointError(f"{path}/{METADATA_FILE}: no 'config' entry") from None
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{path}/{METADATA_FILE}: bad model config ({e})") from None
+  md_path = os.path.join(path, METADATA_FILE)
+  config = _config_from(md_path, metadata["config"])
   if dtype is not None:
     from gemma_jax.model.config import DTYPES
     if dtype not in DTYPES:
@@ -334,7 +475,7 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
     config = config.replace(param_dtype=dtype)
 
   shapes = param_shapes(config)
-  saved = metadata.get("tensors") or {}
+  saved = metadata["tensors"]
   for name, s in flatten(shapes).items():  # a clear line before orbax says anything cryptic
     if name not in saved:
       raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint")
@@ -352,32 +493,85 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
   else:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: one, shapes)
-  jdtype = None if dtype is None else jnp.dtype(dtype)
+  checked = verify and metadata.get("checksum_algorithm") is not None
+  cast = None if dtype is None else jnp.dtype(dtype)
+  # Verified checkpoints are restored as saved (the checksums are of those bits), then cast.
   restore_args = jax.tree.map(
-      lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=tuple(s.shape), dtype=jdtype),
+      lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=tuple(s.shape),
+                                         dtype=None if checked else cast),
       shapes, shardings)
   params_dir = os.path.join(path, PARAMS_DIR)
   if not os.path.isdir(params_dir):
     raise CheckpointError(f"{path}: the {PARAMS_DIR}/ directory is missing; the checkpoint is damaged")
   ckptr = ocp.PyTreeCheckpointer()
+  redo = "re-create it (convert or save it again from its source)"
   params = {}
-  for group in sorted(restore_args):
-    try:
-      params[group] = ckptr.restore(os.path.join(params_dir, group),
-                                    args=ocp.args.PyTreeRestore(restore_args=restore_args[group]))
-    except (FileNotFoundError, ValueError) as e:
-      raise CheckpointError(f"{params_dir}/{group}: cannot restore the parameters "
-                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); the checkpoint is "
-                            "damaged") from None
+  with integrity.quiet_orbax():  # a damaged file fails many reads at once; say it once
+    for group in sorted(restore_args):
+      where = os.path.join(params_dir, group)
+      try:
+        tree = ckptr.restore(where, args=ocp.args.PyTreeRestore(restore_args=restore_args[group]))
+      except Exception as e:  # orbax raises bare Exceptions around tensorstore's ValueErrors
+        reason = integrity.storage_failure(e)
+        if reason is None:
+          raise
+        raise CheckpointError(f"{where}: cannot restore the parameters ({reason}); the checkpoint is damaged; "
+                              f"{redo}") from None
+      if checked:
+        sums = {k[len(group) + 1:]: v["checksum"] for k, v in saved.items() if k.startswith(group + "/")}
+        bad = integrity.first_mismatch(tree, sums)
+        if bad is not None:
+          raise CheckpointError(f"{where}: tensor {group}/{bad} does not match its saved checksum; the checkpoint "
+                                f"is damaged; {redo}")
+        if cast is not None:
+          tree = _cast(tree, cast, shardings[group])
+      params[group] = tree
 
   tokenizer = None
-  if metadata.get("tokenizer"):
-    tok_path = os.path.join(path, metadata["tokenizer"])
+  if metadata.get("tokenizer") is not None:
+    try:
+      tok_path = inside(path, metadata["tokenizer"], f"{md_path}: tokenizer")
+    except UserError as e:
+      raise CheckpointError(str(e)) from None
     if not os.path.isfile(tok_path):
       raise CheckpointError(f"{path}: {metadata['tokenizer']} is listed in the metadata but missing")
     tokenizer = Tokenizer(tok_path)
-  kind = metadata.get("kind")
-  if kind not in (*KINDS, None):
-    raise CheckpointError(f"{path}/{METADATA_FILE}: kind={kind!r}; expected 'pt', 'it' or null")
   return Checkpoint(config=config, params=params, tokenizer=tokenizer, template=metadata.get("template"),
-                    kind=kind, metadata=metadata, path=path)
+                    kind=metadata.get("kind"), metadata=metadata, path=path)
+
+
+def _cast(tree: Params, dtype, shardings: Params) -> Params:
+  if all(x.dtype == dtype for x in jax.tree.leaves(tree)):
+    return tree
+  return jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t), out_shardings=shardings)(tree)
+
+
+# JSON types of the config fields (annotations are strings under `from __future__ import annotations`).
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "Family": (str,)}
+
+
+def _config_from(md_path: str, cfg: dict[str, Any]) -> TransformerConfig:
+  """The model config of metadata.json, or one line naming the field that is wrong."""
+  from gemma_jax.errors import ConfigError
+  for f in dataclasses.fields(TransformerConfig):
+    if f.name not in cfg:
+      if f.default is dataclasses.MISSING:
+        raise CheckpointError(f"{md_path}: config has no {f.name!r} field; the metadata is damaged")
+      continue
+    v, ann = cfg[f.name], str(f.type)
+    if v is None and "None" in ann:
+      continue
+    if ann.startswith("tuple"):
+      ok = isinstance(v, list) and all(isinstance(t, str) for t in v)
+      want = "a list of strings"
+    else:
+      base = ann.replace(" | None", "")
+      types = _FIELD_TYPES.get(base, (object,))
+      ok = isinstance(v, types) and (bool in types or not isinstance(v, bool))
+      want = base + (" or null" if "None" in ann else "")
+    if not ok:
+      raise CheckpointError(f"{md_path}: config field {f.name}={v!r}: expected {want}; the metadata is damaged")
+  try:
+    return TransformerConfig.from_dict(cfg)
+  except (ConfigError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{md_path}: bad model config ({e})") from None

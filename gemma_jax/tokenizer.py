@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Sequence
 
 import sentencepiece as spm
@@ -16,6 +17,16 @@ from gemma_jax.errors import UserError
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+
+
+def _reason(e: Exception) -> str:
+  """sentencepiece's internal error ("INTERNAL: src/sentencepiece_processor.cc(109) [model_proto->Parse...")
+  in words."""
+  text = str(e).strip()
+  if "ParseFromArray" in text:
+    return "the protobuf does not parse"
+  text = re.sub(r"^[A-Z_]+: (src/\S+\(\d+\) )?", "", text.splitlines()[0] if text else type(e).__name__)
+  return text[:200]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,19 +47,20 @@ class Tokenizer:
   """
 
   def __init__(self, model: bytes | str | os.PathLike):
+    where = f"tokenizer model ({len(model)} bytes)" if isinstance(model, (bytes, bytearray)) else None
     if isinstance(model, (str, os.PathLike)):
-      path = os.fspath(model)
+      where = os.fspath(model)
       try:
-        with open(path, "rb") as f:
+        with open(where, "rb") as f:
           model = f.read()
       except OSError as e:
-        raise UserError(f"{path}: cannot read the tokenizer model ({e.strerror})") from None
+        raise UserError(f"{where}: cannot read the tokenizer model ({e.strerror})") from None
     self.model_proto: bytes = bytes(model)
     self._sp = spm.SentencePieceProcessor()
     try:
       self._sp.LoadFromSerializedProto(self.model_proto)
     except Exception as e:  # sentencepiece raises plain RuntimeError/OSError
-      raise UserError(f"not a valid SentencePiece model: {e}") from None
+      raise UserError(f"{where or 'tokenizer model'}: not a SentencePiece model ({_reason(e)})") from None
     self.special = SpecialIds(
         pad=self._sp.pad_id(), eos=self._sp.eos_id(), bos=self._sp.bos_id(), unk=self._sp.unk_id(),
         start_of_turn=self._piece_id(START_OF_TURN), end_of_turn=self._piece_id(END_OF_TURN))

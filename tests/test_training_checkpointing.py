@@ -4,16 +4,20 @@ last `keep` steps stay; an interrupted save's leftovers are never restored."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import tiny_config
+from gemma_jax import integrity
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model import ShardingContext, init_params, make_mesh, param_shardings
 from gemma_jax.model.params import param_shapes
 from gemma_jax.training import checkpointing, optim, state as state_lib
+from test_checkpoint import assert_quiet, data_files, fill, flip_bytes, small_filesystem
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +75,136 @@ def test_keeps_the_last_k_and_ignores_unfinished_saves(setup, tmp_path):
   with pytest.raises(CheckpointError, match="cannot restore"):
     ck.restore(7, target)
   ck.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Damage, resume_step, a full disk
+
+
+@pytest.fixture(scope="module")
+def two_steps(setup, tmp_path_factory):
+  """Steps 1 and 2 of a run (sharded state, different values), saved synchronously; and their target."""
+  config, tx, shardings, make = setup
+  state = make(jax.random.key(2))
+  d = str(tmp_path_factory.mktemp("run") / "ck")
+  ck = checkpointing.RunCheckpointer(d, every=1, keep=5, async_save=False)
+  for s in (1, 2):
+    ck.save(s, _perturbed(state, s), {"s": s}, {"note": s})
+  ck.close()
+  return d, _perturbed(state, 2), state_lib.abstract_state(tx, param_shapes(config), shardings)
+
+
+def _copy(src: str, tmp_path) -> str:
+  dst = str(tmp_path / "ck")
+  shutil.copytree(src, dst)
+  return dst
+
+
+def _damaged_message(d: str, step: int) -> str:
+  return (f"the run checkpoint of step {step} is damaged; earlier steps in {d}: [1]; resume from step 1 with "
+          f"--config.checkpoint.resume_step=1 (later steps are moved to {d}.abandoned/, not deleted)")
+
+
+def test_checksums_are_saved_and_verified(two_steps, tmp_path, capfd, caplog):
+  src, state2, target = two_steps
+  d = _copy(src, tmp_path)
+  ck = checkpointing.RunCheckpointer(d, every=1)
+  restored, _, meta = ck.restore(2, target)
+  assert meta == {"step": 2, "note": 2}  # the checksums stay inside
+  names = set(integrity.fingerprints(state2))
+  assert {"step", "rng", "nonfinite_run", "nonfinite_total", "params/layer_0/attn/q_einsum/w"} <= names
+  assert any(n.startswith("opt_state/") and "/mu/" in n for n in names)
+  victim = data_files(os.path.join(d, "2", "state"))[0]
+  flip_bytes(victim)  # the middle of the largest file: random weights, stored raw by zstd
+  with pytest.raises(CheckpointError) as e:
+    ck.restore(2, target)
+  msg = str(e.value)
+  assert re.fullmatch(rf"{d}/2/state: tensor (params|opt_state)/\S+ does not match its saved checksum; "
+                      + re.escape(_damaged_message(d, 2)), msg), msg
+  damaged, _, _ = ck.restore(2, target, verify=False)
+  name = msg.split(": tensor ")[1].split(" ")[0]
+  assert not np.array_equal(np.asarray(integrity.fingerprints(damaged)[name]),
+                            integrity.fingerprints(state2)[name])
+  ck.close()
+  ck = checkpointing.RunCheckpointer(d, every=1, verify=False)  # the constructor's default
+  ck.restore(2, target)
+  ck.close()
+  assert_quiet(capfd, caplog)
+
+
+@pytest.mark.parametrize("damage", ["zstd_header", "truncated"])
+def test_unreadable_step_is_one_line(two_steps, tmp_path, damage, capfd, caplog):
+  src, _, target = two_steps
+  d = _copy(src, tmp_path)
+  victim = data_files(os.path.join(d, "2", "state"))[0]
+  if damage == "truncated":
+    os.truncate(victim, os.path.getsize(victim) // 2)
+  else:  # run checkpoints are zstd-compressed: tensorstore fails to decompress
+    with open(victim, "r+b") as f:
+      f.seek(4)
+      f.write(b"\xff\xff\xff\xff")
+  ck = checkpointing.RunCheckpointer(d, every=1)
+  with pytest.raises(CheckpointError) as e:
+    ck.restore(2, target)
+  msg = str(e.value)
+  assert msg.startswith(f"{d}/2: cannot restore the run state (") and "\n" not in msg, msg
+  assert msg.endswith(_damaged_message(d, 2)) and "TensorStore" not in msg and len(msg) < 800, msg
+  if damage == "zstd_header":
+    assert "ZSTD" in msg
+  ck.close()
+  assert_quiet(capfd, caplog)
+
+
+def test_resume_step_moves_later_steps_aside(two_steps, tmp_path):
+  src, _, target = two_steps
+  d = _copy(src, tmp_path)
+  with pytest.raises(CheckpointError, match=rf"^checkpoint.resume_step=5: there is no run checkpoint of step 5 in "
+                     rf"{d}; the saved steps are \[1, 2\]$"):
+    checkpointing.RunCheckpointer(d, every=1, resume_step=5)
+  ck = checkpointing.RunCheckpointer(d, every=1, resume_step=1)
+  assert ck.abandoned == {2: f"{d}.abandoned/2"}
+  assert ck.latest_step() == 1 and ck.all_steps() == [1]
+  restored, data_state, meta = ck.restore(1, target)
+  assert data_state == {"s": 1} and int(restored.step) == 1 and meta["note"] == 1
+  ck.close()
+  assert os.listdir(f"{d}.abandoned/2") and sorted(os.listdir(d)) == ["1"]  # moved, whole, not deleted
+  shutil.copytree(f"{d}.abandoned/2", f"{d}/2")  # it comes back and is abandoned again: both are kept
+  ck = checkpointing.RunCheckpointer(d, every=1, resume_step=1)
+  assert ck.abandoned == {2: f"{d}.abandoned/2-1"} and sorted(os.listdir(f"{d}.abandoned")) == ["2", "2-1"]
+  ck.close()
+  ck = checkpointing.RunCheckpointer(d, every=1, resume_step=1)  # nothing later: nothing moves
+  assert ck.abandoned == {} and ck.latest_step() == 1
+  ck.close()
+
+
+@pytest.mark.parametrize("surfaces_at", ["wait", "next_save"])
+def test_disk_full_async_save_is_one_line(setup, tmp_path, surfaces_at, capfd, caplog):
+  config, tx, shardings, make = setup
+  state = make(jax.random.key(3))
+  with small_filesystem(tmp_path / "fs") as fs:
+    d = os.path.join(fs, "ck")
+    ck = checkpointing.RunCheckpointer(d, every=1, keep=5, async_save=True)
+    assert ck.save(1, state, {"s": 1}, {})
+    ck.wait()
+    fill(fs, leave_kb=100)  # a step takes ~400 KB
+    ck.save(2, _perturbed(state, 2), {"s": 2}, {})  # returns: the files are written in the background
+    with pytest.raises(CheckpointError) as e:
+      if surfaces_at == "wait":
+        ck.wait()
+      else:
+        ck.save(3, _perturbed(state, 3), {"s": 3}, {})
+    msg = str(e.value)
+    # Which write fails first (an array's, or a JSON item's without a file name) depends on timing.
+    assert re.fullmatch(rf"saving the run checkpoint of step 2 in {d} failed: No space left on device"
+                        r"( \([^;]+\))?; its partial files were removed; the earlier checkpoints \[1\] are intact; "
+                        r"free some space and run the same command to resume", msg), msg
+    ck.wait()  # reported once: the loop's `finally: wait()` does not raise it again
+    ck.close()
+    assert sorted(os.listdir(d)) == ["1"]
+    os.remove(os.path.join(fs, "filler"))
+    ck = checkpointing.RunCheckpointer(d, every=1)
+    assert ck.latest_step() == 1
+    restored, data_state, _ = ck.restore(1, state_lib.abstract_state(tx, param_shapes(config), shardings))
+    assert data_state == {"s": 1}
+    ck.close()
+  assert_quiet(capfd, caplog)
