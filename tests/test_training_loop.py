@@ -179,3 +179,136 @@ def test_other_objectives_train(ws, tmp_path, objective):
     assert rows[0]["loss"] == pytest.approx(rows[0]["nll_loss"])
   else:
     assert "rewards/accuracies" in rows[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nothing silently wrong: runs that cannot work are refused before any work, and say so in one line.
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(ws, tmp_path, tiny_tokenizer):
+  from conftest import tiny_config
+  from gemma_jax.model import init_params
+  small = tiny_config("gemma3", num_layers=2, vocab_size=200, embed_dim=32, hidden_dim=64, head_dim=8,
+                      query_pre_attn_scalar=8)
+  path = str(tmp_path / "small")
+  checkpoint.save(path, config=small, params=jax.device_get(init_params(small, jax.random.key(0))),
+                  tokenizer=tiny_tokenizer, kind="pt")
+  with pytest.raises(ConfigError, match="has 300 pieces but the model's embedding has 200 rows"):
+    train(run_config(ws, init_from=path), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # a refused run leaves no work directory
+
+
+def test_fewer_pairs_than_a_batch_is_an_error_not_a_hang(ws, tmp_path):
+  from training_helpers import write_pairs
+  from gemma_jax.errors import DataError
+  few = write_pairs(str(tmp_path / "few.jsonl"), 3)
+  with pytest.raises(DataError, match="3 usable examples, fewer than one microbatch"):
+    train(run_config(ws, num_steps=5, **{"data.train": few}), str(tmp_path / "run"))
+
+
+def test_dropped_examples_are_counted_and_too_many_refused(ws, tmp_path, capsys):
+  import json
+  from gemma_jax.errors import DataError
+  path = tmp_path / "long.jsonl"
+  with open(path, "w") as f:
+    for i in range(24):
+      long = i % 2 == 0  # half the pairs do not fit 96 tokens
+      f.write(json.dumps({"prompt": "hello " * (120 if long else 3), "chosen": "fine", "rejected": "no"}) + "\n")
+  with pytest.raises(DataError, match=r"12 of 24 records would be dropped \(12 too long for max_length=96\)"):
+    train(run_config(ws, **{"data.train": str(path)}), str(tmp_path / "a"))
+  result = train(run_config(ws, num_steps=1, **{"data.train": str(path), "data.max_dropped_fraction": 0.6}),
+                 str(tmp_path / "b"))
+  assert result.step == 1
+  assert "data: 12 training pairs from 24 records (12 too long for max_length=96); 8 held-out" in capsys.readouterr().out
+
+
+def test_a_mostly_skipped_run_fails_and_writes_no_final_model(ws, tmp_path):
+  workdir = str(tmp_path / "skip")
+  cfg = run_config(ws, num_steps=4, inject_nonfinite="1,2,3", max_nonfinite=10, **{"data.eval": ""})
+  with pytest.raises(TrainingStopped, match=r"3 of 4 steps were skipped .* no final/ model was written"):
+    train(cfg, workdir)
+  assert not os.path.exists(os.path.join(workdir, "final"))
+  (summary,) = [r for r in read_metrics(workdir) if "run/steps" in r]
+  assert summary == {"step": 4, "run/steps": 4, "run/skipped_steps": 3}
+  # Fewer than max_skipped_fraction: the model is written, and says how many steps it skipped.
+  workdir = str(tmp_path / "ok")
+  result = train(run_config(ws, num_steps=4, inject_nonfinite="2", **{"data.eval": ""}), workdir)
+  assert result.skipped_steps == 1
+  trained = checkpoint.read_metadata(os.path.join(workdir, "final"))["provenance"]["trained"]
+  assert trained["skipped_steps"] == 1 and trained["steps"] == 4
+
+
+def test_resuming_another_models_run_is_refused_and_keeps_it(ws, tmp_path, tiny_tokenizer):
+  from conftest import tiny_config
+  from gemma_jax.model import init_params
+  workdir = str(tmp_path / "run")
+  train(run_config(ws, num_steps=2, **{"data.eval": ""}), workdir)
+  config_before = open(os.path.join(workdir, "config.json")).read()
+  other = tiny_config("gemma3", num_layers=3, vocab_size=tiny_tokenizer.vocab_size, embed_dim=32, hidden_dim=64,
+                      head_dim=8, query_pre_attn_scalar=8)
+  path = str(tmp_path / "other")
+  checkpoint.save(path, config=other, params=jax.device_get(init_params(other, jax.random.key(1))),
+                  tokenizer=tiny_tokenizer, kind="pt")
+  with pytest.raises(ConfigError, match=r"holds a run of another model .*num_layers: 2 saved, 3 now.* another "
+                                        r"--workdir"):
+    train(run_config(ws, num_steps=4, init_from=path, **{"data.eval": ""}), workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == config_before  # not overwritten
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+def test_a_finished_run_run_again_logs_nothing_twice(ws, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "run")
+  cfg = run_config(ws, num_steps=3, **{"eval.every": 0})
+  train(cfg, workdir)
+  rows = read_metrics(workdir)
+  shutil.rmtree(os.path.join(workdir, "final"))  # as if killed after the last evaluation, before final/
+  os.makedirs(os.path.join(workdir, "final.tmp-0badc0de"))  # and a half-written save left behind
+  again = train(cfg, workdir)
+  assert read_metrics(workdir) == rows
+  assert again.eval_metrics == {k: v for k, v in rows[-2].items() if k.startswith("eval/") and k != "eval/samples"}
+  assert os.path.isdir(os.path.join(workdir, "final"))
+  assert not os.path.exists(os.path.join(workdir, "final.tmp-0badc0de"))
+
+
+def test_a_held_workdir_is_refused(ws, tmp_path):
+  from gemma_jax.training.workdir import WorkdirLock
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock = WorkdirLock(str(workdir))
+  lock.acquire()
+  try:
+    with pytest.raises(ConfigError, match="is in use by another run"):
+      train(run_config(ws, num_steps=1), str(workdir))
+    assert os.listdir(workdir) == ["run.lock"]
+  finally:
+    lock.release()
+
+
+def test_a_signal_while_reading_data_stops_after_the_last_step(ws, tmp_path, monkeypatch):
+  """SIGTERM outside a step (here: while the next batch is read) stops at once; resuming finishes the run
+  bitwise as an uninterrupted one."""
+  import signal
+  from gemma_jax.data import DataIterator
+  cfg = run_config(ws, num_steps=4, **{"data.eval": "", "checkpoint.every": 100})
+  ref = train(cfg, str(tmp_path / "ref"))
+  calls = {"n": 0}
+  real_next = DataIterator.__next__
+
+  def next_with_signal(self):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_next(self)
+
+  monkeypatch.setattr(DataIterator, "__next__", next_with_signal)
+  workdir = str(tmp_path / "run")
+  stopped = train(cfg, workdir)
+  assert stopped.stopped_by_signal and stopped.step == 2 and stopped.final_dir is None
+  monkeypatch.setattr(DataIterator, "__next__", real_next)
+  done = train(cfg, workdir)
+  assert done.step == 4
+  a = checkpoint.load(ref.final_dir).params
+  b = checkpoint.load(done.final_dir).params
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -18,11 +18,11 @@ bitwise the same as an uninterrupted run (CPU, f32). SIGTERM / SIGINT save a run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -33,9 +33,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gemma_jax import checkpoint as ckpt_lib
-from gemma_jax.errors import ConfigError, UserError
+from gemma_jax.errors import ConfigError, Interrupted, UserError
 from gemma_jax.model.config import TransformerConfig
-from gemma_jax.model.params import init_params, param_shapes, param_shardings
+from gemma_jax.model.params import flatten, init_params, param_shapes, param_shardings
 from gemma_jax.model.sharding import ShardingContext, make_mesh
 from gemma_jax.model.transformer import Transformer
 from gemma_jax.tokenizer import Tokenizer
@@ -44,7 +44,10 @@ from gemma_jax.training.dpo import dpo_loss
 from gemma_jax.training.orpo import orpo_loss
 from gemma_jax.training.sft import sft_loss
 from gemma_jax.training.simpo import simpo_loss
-from gemma_jax.training.run_config import OBJECTIVES
+from gemma_jax.training.metrics import MetricsWriter, jsonable
+from gemma_jax.training.run_config import OBJECTIVES, model_overrides, validate_run_config
+from gemma_jax.training.signals import SignalCatcher
+from gemma_jax.training.workdir import Workdir
 
 PREFERENCE = ("orpo", "dpo", "simpo")
 REAL_PREFIX = "real:"
@@ -63,6 +66,7 @@ class Result:
   eval_metrics: dict[str, float]
   final_dir: str | None
   stopped_by_signal: bool = False
+  skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,8 +116,18 @@ def resolve_start(config: ml_collections.ConfigDict) -> Start:
       raise ConfigError(f"init_from={src!r} is a random init: set --config.tokenizer=PATH (a SentencePiece "
                         "model)")
     template, kind, path = None, None, None
-  if config.model_overrides:
-    model_config = model_config.replace(**dict(config.model_overrides))
+  overrides = model_overrides(config)
+  if overrides:
+    try:
+      changed = model_config.replace(**overrides)
+    except TypeError as e:
+      raise ConfigError(f"model_overrides: {e}") from None
+    if path is not None:
+      before, after = flatten(param_shapes(model_config)), flatten(param_shapes(changed))
+      if {k: v.shape for k, v in before.items()} != {k: v.shape for k, v in after.items()}:
+        raise ConfigError(f"model_overrides {overrides} change the parameter shapes of the checkpoint {path}; "
+                          "shape-changing overrides apply to a random init only (init_from=<preset name>)")
+    model_config = changed
   if config.data.template:
     template = templates.get_template(config.data.template)
   elif template is not None:
@@ -191,92 +205,32 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Logging
+# Checks before any work
 
 
-class MetricsWriter:
-  """metrics.jsonl + TensorBoard events, written by process 0 only."""
-
-  def __init__(self, workdir: str):
-    self.primary = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._file = open(self.path, "a") if self.primary else None
-    self._tb = None
-    if self.primary:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(workdir)
-
-  def write(self, step: int, metrics: dict[str, Any], text: dict[str, str] | None = None) -> None:
-    if not self.primary:
-      return
-    row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
-    for k, v in metrics.items():
-      if isinstance(v, (int, float)) and math.isfinite(v):
-        self._tb.add_scalar(k, v, step)
-    for k, v in (text or {}).items():
-      self._tb.add_text(k, v, step)
-    self._tb.flush()
-
-  def close(self) -> None:
-    if self.primary:
-      self._file.close()
-      self._tb.close()
+def check_tokenizer_fits(tokenizer: Tokenizer, model_config: TransformerConfig, where: str) -> None:
+  """A tokenizer with ids past the embedding table would make every step non-finite (or read garbage rows)."""
+  if tokenizer.vocab_size > model_config.vocab_size:
+    raise ConfigError(f"the tokenizer ({where}) has {tokenizer.vocab_size} pieces but the model's embedding has "
+                      f"{model_config.vocab_size} rows, so ids >= {model_config.vocab_size} have none; use the "
+                      "tokenizer the model was trained with (the checkpoint's own, the default)")
 
 
-def _jsonable(v):
-  if isinstance(v, float) and not math.isfinite(v):
-    return str(v)  # "nan" / "inf": JSON has no such numbers
-  return v
-
-
-class SignalCatcher:
-  """SIGTERM / SIGINT set a flag that the loop checks between steps (a second SIGINT interrupts at once)."""
-
-  def __init__(self):
-    self.caught: int | None = None
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: leave signals alone
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    if self.caught == signal.SIGINT and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.caught = signum
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-  def any_caught(self) -> bool:
-    """True if a signal reached any process (a collective on multi-host runs)."""
-    flag = self.caught is not None
-    if jax.process_count() == 1:
-      return flag
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The loop
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  if config.objective not in OBJECTIVES:
-    raise ConfigError(f"objective={config.objective!r}: use one of {', '.join(OBJECTIVES)}")
-  if config.batch_size <= 0 or config.grad_accum <= 0:
-    raise ConfigError("batch_size and grad_accum must be > 0")
-  if config.batch_size % config.grad_accum:
-    raise ConfigError(f"batch_size={config.batch_size} must be a multiple of grad_accum={config.grad_accum}")
-  if config.max_nonfinite <= 0:
-    raise ConfigError(f"max_nonfinite={config.max_nonfinite}: must be > 0")
+def check_resumable(run_ckpt: checkpointing.RunCheckpointer, step: int, model_config: TransformerConfig,
+                    config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a run checkpoint made for another model or objective, saying what differs."""
+  meta = run_ckpt.read_meta(step)
+  saved_model, saved_run = meta.get("model") or {}, meta.get("run") or {}
+  now = model_config.to_dict()
+  diffs = [f"{k}: {saved_model.get(k)!r} saved, {now.get(k)!r} now" for k in sorted(now)
+           if k in saved_model and saved_model[k] != now[k]]
+  if saved_run.get("objective") not in (None, config.objective):
+    diffs.append(f"objective: {saved_run.get('objective')!r} saved, {config.objective!r} now")
+  if diffs:
+    raise ConfigError(f"{workdir} holds a run of another model or objective (step {step}; "
+                      f"{'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}). Its checkpoints are kept: to "
+                      "resume it, run with its own config (config.json); to start this run, give it another "
+                      "--workdir")
 
 
 def _inject_steps(spec: str) -> set[int]:
@@ -286,19 +240,28 @@ def _inject_steps(spec: str) -> set[int]:
     raise ConfigError(f"inject_nonfinite={spec!r}: expected comma-separated step numbers") from None
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
   """Trains as `config` says, writing everything under `workdir`; resumes from it when it holds a run."""
-  validate(config)
-  workdir = os.path.abspath(workdir)
+  validate_run_config(config)
+  with Workdir.open(workdir) as wd, SignalCatcher() as signals:
+    return _train(config, wd, signals)
+
+
+def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatcher) -> Result:
+  workdir = wd.path
   primary = jax.process_index() == 0
+  single = jax.process_count() == 1  # a signal may interrupt reading data / evaluating (multi-host: no)
   if primary:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    ckpt_lib.remove_stale_temporaries(workdir)  # final.tmp-* / best.tmp-* of a killed run (we hold the lock)
 
   # -- model, mesh, data ---------------------------------------------------------------------------------
   start = resolve_start(config)
   model_config = training_model_config(config, start.config)
+  check_tokenizer_fits(start.tokenizer, model_config, config.tokenizer or f"{start.path or config.init_from}")
   mesh = make_mesh(config.mesh)
   ctx = ShardingContext(mesh)
   micro = config.batch_size // config.grad_accum
@@ -309,6 +272,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
                       "grad_accum or mesh")
   data = run_data.build(config, start.tokenizer, start.template, micro_batch=micro,
                         process_index=jax.process_index(), process_count=jax.process_count())
+  if primary:
+    print(data.summary(), flush=True)
   num_steps = config.num_steps or max(1, int(config.num_epochs * data.steps_per_epoch(config.batch_size)))
 
   # -- optimizer, loss, state ----------------------------------------------------------------------------
@@ -328,15 +293,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
   shapes = param_shapes(model_config)
   p_shardings = param_shardings(model_config, ctx)
   s_shardings = state_lib.state_shardings(optimizer, shapes, p_shardings, mesh)
+
+  resume_step = None if config.checkpoint.resume_step < 0 else config.checkpoint.resume_step
+  run_ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+                                           keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                                           verify=config.checkpoint.verify, resume_step=resume_step)
+  latest = run_ckpt.latest_step()
+  if latest is not None:
+    check_resumable(run_ckpt, latest, model_config, config, workdir)
+  wd.write_config(config)  # the run is accepted: from here on the work directory is this run's
+
   aux, aux_shardings = make_aux(config, start, model_config, ctx)
   train_step = step_lib.jit_train_step(loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, mesh=mesh,
                                        state_shardings=s_shardings, aux_shardings=aux_shardings)
   eval_step = step_lib.jit_eval_step(loss_fn=make_loss_fn(config, model, model_config), mesh=mesh,
                                      param_shardings=p_shardings, aux_shardings=aux_shardings)
-
-  run_ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
-                                           keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  latest = run_ckpt.latest_step()
   best_eval = math.inf
   if latest is not None:
     target = state_lib.abstract_state(optimizer, shapes, s_shardings)
@@ -352,7 +323,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
     del params
   step = int(jax.device_get(state.step))
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, resume_step=step if latest is not None else None)
   bar = _progress(step, num_steps, enabled=config.progress and primary)
   meta_base = {"run": json.loads(config.to_json_best_effort()), "model": model_config.to_dict()}
   last_metrics: dict[str, float] = {}
@@ -381,64 +352,92 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Result:
           f"{run_ckpt.all_steps() or 'none'} in {run_ckpt.directory}. Lower optim.lr, check the data, or "
           "raise max_nonfinite")
 
-  try:
-    with SignalCatcher() as signals:
-      while step < num_steps:
-        local = []
-        for _ in range(config.grad_accum):
-          local.append(next(data.train))
-        data_state = data.train.get_state()
-        host = stack_microbatches(local)
-        if inject:
-          poison = np.float32(np.nan if step + 1 in inject else 1.0)
-          host["inject_nonfinite"] = np.full(host["tokens"].shape[:2], poison, np.float32)
-        tokens = int(host["input_mask"].sum()) * jax.process_count()
-        batch = global_batch(host, mesh)
-        state, metrics = train_step(state, batch, aux)
-        step += 1
-        if pending is not None:
-          handle(pending)
-        pending = (step, metrics, tokens, time.perf_counter())
+  def save_run(force: bool = False) -> bool:
+    return run_ckpt.save(step, state, data_state, {**meta_base, "best_eval_loss": _finite(best_eval)},
+                         force=force)
 
-        if config.eval.every and step % config.eval.every == 0 and step < num_steps:
-          handle(pending)
-          pending = None
-          last_eval, best_eval = _evaluate(config, data, eval_step, state, aux, mesh, step, writer, start,
-                                           model_config, ctx, best_eval)
-        saved = run_ckpt.save(step, state, data_state, {**meta_base, "best_eval_loss": _finite(best_eval)})
+  try:
+    while step < num_steps:
+      try:
+        with contextlib.nullcontext() if single else signals.deferred():
+          local = [next(data.train) for _ in range(config.grad_accum)]
+      except Interrupted as e:
+        signals.caught = e.signum
+        local = None
+      if local is not None:
+        with signals.deferred():
+          data_state = data.train.get_state()
+          host = stack_microbatches(local)
+          if inject:
+            poison = np.float32(np.nan if step + 1 in inject else 1.0)
+            host["inject_nonfinite"] = np.full(host["tokens"].shape[:2], poison, np.float32)
+          tokens = int(host["input_mask"].sum()) * jax.process_count()
+          batch = global_batch(host, mesh)
+          state, metrics = train_step(state, batch, aux)
+          step += 1
+          if pending is not None:
+            handle(pending)
+          pending = (step, metrics, tokens, time.perf_counter())
+          if config.eval.every and step % config.eval.every == 0 and step < num_steps:
+            handle(pending)
+            pending = None
+        if config.eval.every and step % config.eval.every == 0 and step < num_steps and not signals.caught:
+          try:
+            with contextlib.nullcontext() if single else signals.deferred():
+              last_eval, best_eval = _evaluate(config, data, eval_step, state, aux, mesh, step, writer, start,
+                                               model_config, ctx, best_eval)
+          except Interrupted as e:
+            signals.caught = e.signum
+      with signals.deferred():
+        saved = save_run()
         if signals.any_caught():
           if pending is not None:
             handle(pending)
             pending = None
           if not saved:
-            run_ckpt.save(step, state, data_state, {**meta_base, "best_eval_loss": _finite(best_eval)},
-                          force=True)
+            save_run(force=True)
           run_ckpt.wait()
           _log(f"stopped by signal at step {step}; run checkpoint saved in {run_ckpt.directory}; run the same "
                "command to resume")
           stopped_by_signal = True
           break
-      if pending is not None:
-        handle(pending)
-        pending = None
+    if pending is not None:
+      handle(pending)
+      pending = None
   finally:
     bar.close()
-    run_ckpt.wait()
+    with signals.deferred():
+      run_ckpt.wait()
 
   final_dir = None
+  skipped = int(jax.device_get(state.nonfinite_total))
   if not stopped_by_signal:
-    if data.has_eval:
+    with signals.deferred():
+      save_run(force=True)
+      run_ckpt.wait()
+    if data.has_eval and step in writer.eval_rows:  # evaluated before a kill: not logged twice
+      last_eval = {k: v for k, v in writer.eval_rows[step].items() if k.startswith("eval/") and k != "eval/samples"}
+    elif data.has_eval:
       last_eval, best_eval = _evaluate(config, data, eval_step, state, aux, mesh, step, writer, start,
                                        model_config, ctx, best_eval)
-    run_ckpt.save(step, state, data_state, {**meta_base, "best_eval_loss": _finite(best_eval)},
-                  force=True)
-    run_ckpt.wait()
+    writer.write(step, {"run/steps": step, "run/skipped_steps": skipped})
+    if step and skipped > config.max_skipped_fraction * step:
+      run_ckpt.close()
+      writer.close()
+      raise TrainingStopped(f"{skipped} of {step} steps were skipped (non-finite loss or gradient), more than "
+                            f"max_skipped_fraction={config.max_skipped_fraction}: the model learned little, so no "
+                            f"final/ model was written (run checkpoints: {run_ckpt.directory}). Lower optim.lr, "
+                            "check the data and tokenizer, or raise max_skipped_fraction")
     final_dir = os.path.join(workdir, "final")
-    save_model(final_dir, state.params, start, model_config, config, step=step, metrics=last_eval or last_metrics)
+    with signals.deferred():
+      save_model(final_dir, state.params, start, model_config, config, step=step,
+                 metrics=last_eval or last_metrics, skipped_steps=skipped)
+  if skipped:
+    _log(f"{skipped} of {step} steps were skipped (non-finite loss or gradient; nothing applied from them)")
   run_ckpt.close()
   writer.close()
   return Result(step=step, metrics=last_metrics, eval_metrics=last_eval, final_dir=final_dir,
-                stopped_by_signal=stopped_by_signal)
+                stopped_by_signal=stopped_by_signal, skipped_steps=skipped)
 
 
 def _finite(x: float) -> float | None:
@@ -510,13 +509,13 @@ def _greedy_samples(config, data, params, start: Start, model_config, ctx) -> li
 
 
 def save_model(path: str, params, start: Start, model_config: TransformerConfig, config, *, step: int,
-               metrics: dict[str, Any]) -> None:
+               metrics: dict[str, Any], skipped_steps: int = 0) -> None:
   """Our checkpoint format: the saved config (not the training dtypes/remat), tokenizer and template."""
   saved_config = start.config.replace(param_dtype=model_config.param_dtype)
   kind = "it" if start.template.is_chat else start.kind
   provenance = {"trained": {"from": config.init_from, "objective": config.objective, "steps": int(step),
-                            "template": start.template.name,
+                            "skipped_steps": int(skipped_steps), "template": start.template.name,
                             "chat_fine_tuned": bool(start.template.is_chat)}}
-  extra = {"train_metrics": {k: _jsonable(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
+  extra = {"train_metrics": {k: jsonable(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
   ckpt_lib.save(path, config=saved_config, params=params, tokenizer=start.tokenizer,
                 template=start.template.to_dict(), kind=kind, provenance=provenance, extra=extra)

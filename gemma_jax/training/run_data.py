@@ -30,6 +30,20 @@ class RunData:
   process_index: int
   process_count: int
   packing: bool
+  train_stats: data_lib.PrepStats | None = None
+  policy: data_lib.LengthPolicy | None = None
+
+  def summary(self) -> str:
+    """One line: what the training (and held-out) data became."""
+    what = "pairs" if self.kind == "preference" else "examples"
+    line = f"data: {self.train_examples} training {what}"
+    if self.train_stats is not None:
+      line += f" from {self.train_stats.records} records"
+      if dropped(self.train_stats) or self.train_stats.truncated_prompts or self.train_stats.truncated_responses:
+        line += f" ({describe_losses(self.train_stats, self.policy)})"
+    if self.eval_data is not None:
+      line += f"; {len(self.eval_data.examples)} held-out"
+    return line
 
   def steps_per_epoch(self, batch_size: int) -> int:
     """Optimizer steps per epoch for `batch_size` examples per step."""
@@ -67,15 +81,42 @@ def _sft_prompt(ex) -> np.ndarray:
 
 
 def _prepare(paths: str, kind: str, template: ChatTemplate, tokenizer: Tokenizer,
-             policy: data_lib.LengthPolicy) -> data_lib.PreparedData:
+             policy: data_lib.LengthPolicy, skip_invalid: bool, max_dropped: float) -> data_lib.PreparedData:
+  """Every file of `paths` prepared; a file losing more than `max_dropped` of its records is refused."""
   parts = [p.strip() for p in paths.split(",") if p.strip()]
-  prepared = [data_lib.prepare_dataset(p, kind=kind, template=template, tokenizer=tokenizer, policy=policy)
-              for p in parts]
+  prepared = []
+  for p in parts:
+    d = data_lib.prepare_dataset(p, kind=kind, template=template, tokenizer=tokenizer, policy=policy,
+                                 skip_invalid=skip_invalid)
+    lost = dropped(d.stats)
+    if d.stats.records and lost / d.stats.records > max_dropped:
+      raise DataError(f"{p}: {lost} of {d.stats.records} records would be dropped ({describe_losses(d.stats, policy)}),"
+                      f" more than data.max_dropped_fraction={max_dropped}; raise data.max_length, shorten or fix "
+                      "the records (`python -m gemma_jax.data.inspect` lists them), or raise max_dropped_fraction")
+    prepared.append(d)
   first = prepared[0]
   if len(prepared) == 1:
     return first
+  stats = data_lib.PrepStats()
+  for d in prepared:
+    stats.merge(d.stats)
   return dataclasses.replace(first, path=paths, examples=[ex for p in prepared for ex in p.examples],
-                             invalid=[x for p in prepared for x in p.invalid])
+                             invalid=[x for p in prepared for x in p.invalid], stats=stats)
+
+
+def dropped(stats: data_lib.PrepStats) -> int:
+  """Records that did not become examples: too long for max_length, or malformed and skipped."""
+  return stats.dropped_prompt_too_long + stats.dropped_response_too_long + stats.invalid
+
+
+def describe_losses(stats: data_lib.PrepStats, policy: data_lib.LengthPolicy) -> str:
+  parts = [f"{stats.dropped_prompt_too_long + stats.dropped_response_too_long} too long for "
+           f"max_length={policy.max_length}"]
+  if stats.invalid:
+    parts.append(f"{stats.invalid} malformed, skipped")
+  if stats.truncated_prompts or stats.truncated_responses:
+    parts.append(f"{stats.truncated_prompts + stats.truncated_responses} truncated")
+  return ", ".join(parts)
 
 
 def build(config: ml_collections.ConfigDict, tokenizer: Tokenizer, template: ChatTemplate, *, micro_batch: int,
@@ -86,8 +127,9 @@ def build(config: ml_collections.ConfigDict, tokenizer: Tokenizer, template: Cha
                       "check it with `python -m gemma_jax.data.inspect FILE`)")
   kind = "sft" if config.objective == "sft" else "preference"
   policy = data_lib.LengthPolicy(max_length=int(config.data.max_length))
-  train = _prepare(config.data.train, kind, template, tokenizer, policy)
-  eval_data = _prepare(config.data.eval, kind, template, tokenizer, policy) if config.data.eval else None
+  opts = dict(skip_invalid=bool(config.data.skip_invalid), max_dropped=float(config.data.max_dropped_fraction))
+  train = _prepare(config.data.train, kind, template, tokenizer, policy, **opts)
+  eval_data = _prepare(config.data.eval, kind, template, tokenizer, policy, **opts) if config.data.eval else None
   if eval_data is None and config.data.eval_fraction > 0:
     n = len(train.examples)
     held = int(round(n * config.data.eval_fraction))
@@ -104,8 +146,11 @@ def build(config: ml_collections.ConfigDict, tokenizer: Tokenizer, template: Cha
   packing = bool(config.data.packing)
   if packing and kind != "sft":
     raise ConfigError("data.packing is for the sft objective only")
+  if not packing and len(train.examples) < micro_batch:
+    raise DataError(f"training set {train.path}: {len(train.examples)} usable examples, fewer than one microbatch "
+                    f"(batch_size / grad_accum = {micro_batch}); lower batch_size or add data")
   iterator = data_lib.DataIterator(train, batch_size=micro_batch, seed=config.seed, shuffle=config.data.shuffle,
                                    packing=packing, process_index=process_index, process_count=process_count)
   return RunData(kind=kind, train=iterator, train_examples=len(train.examples), eval_data=eval_data,
                  micro_batch=micro_batch, process_index=process_index, process_count=process_count,
-                 packing=packing)
+                 packing=packing, train_stats=train.stats, policy=policy)

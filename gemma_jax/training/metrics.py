@@ -1,0 +1,82 @@
+"""Metrics of a run: `metrics.jsonl` (one JSON row per logged step and per evaluation) and TensorBoard events.
+
+Written by process 0 only. On resume from step s, rows after s (from steps that will run again) are dropped, and
+an evaluation already logged for a step is not logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def jsonable(v):
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # "nan" / "inf": JSON has no such numbers
+  return v
+
+
+def _is_eval(row: dict[str, Any]) -> bool:
+  return any(k.startswith("eval/") for k in row)
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:  # a row cut short by a kill
+        continue
+      if isinstance(row, dict) and isinstance(row.get("step"), int):
+        rows.append(row)
+  return rows
+
+
+class MetricsWriter:
+  """Appends rows to metrics.jsonl and scalars (and text) to TensorBoard; `resume_step` trims a resumed file."""
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
+    self.primary = jax.process_index() == 0
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.eval_rows: dict[int, dict[str, Any]] = {}  # step -> its logged evaluation
+    self._file = self._tb = None
+    if not self.primary:
+      return
+    if resume_step is not None and os.path.exists(self.path):
+      # Rows of steps that will run again, and the end-of-run summary, are written anew.
+      rows = [r for r in _read_rows(self.path) if r["step"] <= resume_step and "run/steps" not in r]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+      os.replace(tmp, self.path)
+      self.eval_rows = {r["step"]: r for r in rows if _is_eval(r)}
+    self._file = open(self.path, "a")
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(workdir)
+
+  def write(self, step: int, metrics: dict[str, Any], text: dict[str, str] | None = None) -> None:
+    if not self.primary:
+      return
+    row = {"step": int(step), **{k: jsonable(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if _is_eval(row):
+      self.eval_rows[int(step)] = row
+    for k, v in metrics.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    for k, v in (text or {}).items():
+      self._tb.add_text(k, v, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.primary:
+      self._file.close()
+      self._tb.close()
