@@ -45,7 +45,7 @@ def test_two_processes_match_one(tiny_tokenizer, tmp_path):
 
   assert "2 process(es), 8 cpu device(s)" in open(tmp_path / "two0.log").read()
   a, b = read_metrics(one), read_metrics(two)
-  assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 2, 3, 4, 4]
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 2, 3, 4, 4, 4]  # the last: run summary
   for x, y in zip(a, b):
     keys = [k for k in x if k not in ("step", "tokens_per_s")]
     assert set(keys) == set(y) - {"step", "tokens_per_s"}

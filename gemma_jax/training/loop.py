@@ -323,7 +323,7 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
     del params
   step = int(jax.device_get(state.step))
 
-  writer = MetricsWriter(workdir, resume_step=step if latest is not None else None)
+  writer = MetricsWriter(workdir, resume_step=step)  # rows of steps that will run again are dropped
   bar = _progress(step, num_steps, enabled=config.progress and primary)
   meta_base = {"run": json.loads(config.to_json_best_effort()), "model": model_config.to_dict()}
   last_metrics: dict[str, float] = {}
