@@ -316,31 +316,141 @@ def test_usage_errors(tmp_path):
   assert r.returncode == 1 and r.stderr.strip() == "error: --dtype=int8: use one of float32, bfloat16, float16"
 
 
+def _readonly_dir(path) -> bool:
+  """Makes `path` a directory nobody can write in (root too, with chattr +i where it can); False if impossible."""
+  os.makedirs(path)
+  os.chmod(path, 0o500)
+  if os.geteuid() == 0:
+    subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+  try:
+    os.mkdir(os.path.join(path, "probe"))
+  except OSError:
+    return True
+  os.rmdir(os.path.join(path, "probe"))
+  return False
+
+
+def _writable_again(path) -> None:
+  subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+  os.chmod(path, 0o700)
+
+
+def test_flags_and_destination_are_checked_before_reading(sources, tmp_path, monkeypatch):
+  """A --template typo or an unwritable --dst fails at once, not after reading the whole source."""
+  from gemma_jax.convert import detect, run
+  from gemma_jax.errors import UserError
+
+  def never(*a, **k):
+    raise AssertionError("the source was read before the flags and --dst were checked")
+  monkeypatch.setattr(detect, "detect_format", never)
+  monkeypatch.setattr(run, "_read", never)
+  (tmp_path / "afile").write_text("x")
+  cases = [(dict(dst=str(tmp_path / "out"), template="gemma4"),
+            "--template=gemma4: not a chat template; use auto, none or one of gemma, gemma3, completion"),
+           (dict(dst=str(tmp_path / "afile" / "out")),
+            f"--dst={tmp_path}/afile/out: {tmp_path}/afile is not a directory; choose another --dst")]
+  ro = tmp_path / "ro"
+  try:
+    if _readonly_dir(ro):
+      cases.append((dict(dst=str(ro / "a" / "out")), f"--dst={ro}/a/out: cannot write in {ro} ("))
+    for kw, message in cases:
+      with pytest.raises(UserError) as e:
+        run.convert(src=sources["hf"], **kw)
+      assert str(e.value).startswith(message), str(e.value)
+    assert len(cases) == 3 or os.geteuid() == 0  # only root may lack a way to make a directory read-only
+  finally:
+    if ro.exists():
+      _writable_again(ro)
+  assert sorted(os.listdir(tmp_path)) == ["afile", "ro"]  # the write probe left nothing
+
+
+def test_cli_checks_before_reading(sources, tmp_path):
+  (tmp_path / "afile").write_text("x")
+  procs = [subprocess.Popen(_cli_args(f"--src={sources['hf']}", *args), cwd=ROOT, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for args in ([f"--dst={tmp_path}/out", "--template=gemma4"], [f"--dst={tmp_path}/afile/out"])]
+  for p, message in zip(procs, ["error: --template=gemma4: not a chat template",
+                                f"error: --dst={tmp_path}/afile/out: {tmp_path}/afile is not a directory"]):
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and err.startswith(message) and len(err.splitlines()) == 1, err
+    assert out == ""
+
+
+# orbax's and tensorstore's worker threads go on for a moment after Ctrl-C: they create files in the directory
+# being removed and print tracebacks once their event loop is closed ("RuntimeError: Event loop is closed").
+_INTERRUPTED_SAVE = """
+import os, threading, time, orbax.checkpoint as ocp
+real = ocp.Checkpointer.save
+def save(self, directory, *a, **k):
+  real(self, directory, *a, **k)
+  tmp = os.path.dirname(os.path.dirname(os.fspath(directory)))  # <dst>.tmp-*/params/<group>
+  def worker():
+    while os.path.exists(tmp):
+      time.sleep(0.01)
+    os.makedirs(os.path.join(tmp, "params", "late"))
+    os.write(2, b"Traceback (most recent call last):\\nRuntimeError: Event loop is closed\\n")
+  threading.Thread(target=worker).start()
+  open(FLAG, "w").close()
+  time.sleep(60)
+ocp.Checkpointer.save = save
+"""
+# Ctrl-C after the checkpoint is complete, while the interpreter exits (jax's atexit handler, for one).
+_INTERRUPTED_EXIT = """
+import atexit, time
+atexit.register(lambda: (open(FLAG, "w").close(), time.sleep(3)))
+"""
+
+
 def test_interrupt_leaves_nothing(sources, tmp_path):
-  """Ctrl-C while the destination is being written: exit 130, nothing at --dst."""
+  """Ctrl-C while the destination is written: exit 130, one line, no traceback from worker threads, nothing
+  at --dst; Ctrl-C once it is written: exit 0, no traceback."""
   import signal
   import time
-  dst = str(tmp_path / "out")
-  code = ("import time, orbax.checkpoint as ocp\n"
-          "real = ocp.Checkpointer.save\n"
-          "def slow(self, *a, **k):\n"
-          "  real(self, *a, **k); open(%r, 'w').close(); time.sleep(60)\n"
-          "ocp.Checkpointer.save = slow\n"
-          "import sys; sys.argv = ['convert', '--src=%s', '--dst=%s']\n"
-          "from absl import app; from gemma_jax.convert.__main__ import main; app.run(main)\n"
-          ) % (str(tmp_path / "written"), sources["hf"], dst)
-  p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while not os.path.exists(tmp_path / "written") and time.time() < deadline and p.poll() is None:
-    time.sleep(0.2)
-  assert os.path.exists(tmp_path / "written"), p.communicate()[1]
-  assert [f for f in os.listdir(tmp_path) if f.startswith("out.tmp-")]  # it was mid-write
-  p.send_signal(signal.SIGINT)
-  _, err = p.communicate(timeout=120)
-  assert p.returncode == 130, err
-  assert err.strip().splitlines()[-1] == f"error: interrupted; nothing was written to {dst}"
-  assert _leftovers(dst) == []
+  procs = {}
+  for name, patch in (("mid_write", _INTERRUPTED_SAVE), ("at_exit", _INTERRUPTED_EXIT)):
+    flag, dst = str(tmp_path / f"flag_{name}"), str(tmp_path / name)
+    code = (f"FLAG = {flag!r}\n{patch}\nimport sys; sys.argv = ['convert', '--src={sources['hf']}', '--dst={dst}']\n"
+            "from absl import app; from gemma_jax.convert.__main__ import main; app.run(main)\n")
+    procs[name] = (flag, dst, subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(),
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  results = {}
+  for name, (flag, dst, p) in procs.items():
+    deadline = time.time() + 300
+    while not os.path.exists(flag) and time.time() < deadline and p.poll() is None:
+      time.sleep(0.05)
+    assert os.path.exists(flag), p.communicate()[1]
+    if name == "mid_write":
+      assert [f for f in os.listdir(tmp_path) if f.startswith("mid_write.tmp-")]  # it was mid-write
+    p.send_signal(signal.SIGINT)
+    results[name] = p.communicate(timeout=120)[1], p.returncode
+  err, rc = results["mid_write"]
+  assert rc == 130 and "Traceback" not in err, err
+  assert err.strip().splitlines()[-1] == f"error: interrupted; nothing was written to {tmp_path}/mid_write"
+  assert _leftovers(str(tmp_path / "mid_write")) == []
+  err, rc = results["at_exit"]
+  assert rc == 0 and "Traceback" not in err and f"wrote {tmp_path}/at_exit" in err, err
+  assert checkpoint.load(tmp_path / "at_exit").metadata["num_params"] > 0
+
+
+def test_undo_partial_write_puts_an_overwritten_checkpoint_back(tmp_path):
+  """Ctrl-C between the two renames of --overwrite (dst moved aside, the new one not yet in place)."""
+  from gemma_jax.convert.run import identity, partial_outputs, undo_partial_write
+  dst = tmp_path / "out"
+  dst.mkdir()
+  (dst / "metadata.json").write_text("{}")
+  (tmp_path / "out.tmp-0000").mkdir()  # an older leftover, not ours: kept
+  before, dst_id = partial_outputs(str(dst)), identity(str(dst))
+  os.rename(dst, tmp_path / "out.old-1234")
+  (tmp_path / "out.tmp-5678" / "params").mkdir(parents=True)
+  assert undo_partial_write(str(dst), before, dst_id) == f"interrupted; nothing was written to {dst}"
+  assert sorted(os.listdir(tmp_path)) == ["out", "out.tmp-0000"] and identity(str(dst)) == dst_id
+  os.rename(tmp_path / "out.tmp-0000", tmp_path / "new")
+  os.rename(tmp_path / "new", dst.with_name("out.tmp-9"))
+  shutil.rmtree(dst)
+  os.rename(dst.with_name("out.tmp-9"), dst)  # the new output renamed into place just before Ctrl-C
+  assert undo_partial_write(str(dst), set(), dst_id) == (f"interrupted, but {dst} had already been written "
+                                                          "completely")
+  assert os.listdir(tmp_path) == ["out"]
 
 
 # ---------------------------------------------------------------------------------------------------------

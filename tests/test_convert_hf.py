@@ -386,6 +386,100 @@ def test_sharded_index_with_missing_shard(tmp_path):
   one_line_error(e, "model.safetensors.index.json", "model-00002-of-", "missing")
 
 
+def test_index_weight_map_stays_inside_the_directory(tmp_path):
+  """A shard named by the index is only read inside the checkpoint directory (an index once named /etc/passwd)."""
+  d = copy_fixture("gemma2", tmp_path)
+  shutil.copy(os.path.join(d, "model.safetensors"), tmp_path / "outside.safetensors")  # readable: must not be read
+  os.symlink(tmp_path / "outside.safetensors", os.path.join(d, "link.safetensors"))
+  names = list(st_tensors(d))
+  index = os.path.join(d, "model.safetensors.index.json")
+  for shard, why in [("/etc/passwd", "is not a relative name inside"), ("../outside.safetensors", "leads outside"),
+                     ("link.safetensors", "leads outside")]:
+    weight_map = {n: "model.safetensors" for n in names}
+    weight_map[names[3]] = shard
+    json.dump({"metadata": {}, "weight_map": weight_map}, open(index, "w"))
+    with pytest.raises(CheckpointError) as e:
+      read_hf(d, progress=False)
+    assert str(e.value) == f"{index}: weight_map: {shard!r} {why} {d}; refusing to follow it"
+  json.dump({"weight_map": {names[0]: ["model.safetensors"]}}, open(index, "w"))
+  with pytest.raises(CheckpointError) as e:
+    read_hf(d, progress=False)
+  one_line_error(e, index, "weight_map values must be shard file names")
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_hostile_json_side_files(tmp_path):
+  """config.json, the index and tokenizer_config.json: too deep, a directory, not UTF-8, not an object."""
+  from gemma_jax.convert.detect import detect_format
+  cases = {"config.json": [(DEEP, "JSON nested too deeply"), (None, "a directory, not a JSON file"),
+                           (b'{"model_type": "gemma2\xff"}', "not UTF-8 text"), ("[1, 2]", "expected a JSON object")],
+           "model.safetensors.index.json": [(DEEP, "JSON nested too deeply"), ("7", "expected a JSON object")],
+           "tokenizer_config.json": [(DEEP, "JSON nested too deeply")]}
+  for name, variants in cases.items():
+    for i, (text, message) in enumerate(variants):
+      d = copy_fixture("gemma2", tmp_path / f"{name}{i}")
+      p = os.path.join(d, name)
+      if os.path.exists(p):
+        os.remove(p)
+      if text is None:
+        os.mkdir(p)
+      else:
+        open(p, "wb").write(text if isinstance(text, bytes) else text.encode())
+      readers = (read_hf, detect_format) if name == "config.json" else (read_hf,)
+      for reader in readers:
+        with pytest.raises(CheckpointError) as e:
+          reader(d) if reader is detect_format else reader(d, progress=False)
+        one_line_error(e, p, message)
+
+
+BAD_CONFIG_FIELDS = [
+    ({"num_hidden_layers": "4"}, "num_hidden_layers must be an integer, got '4'"),
+    ({"hidden_size": 64.0}, "hidden_size must be an integer, got 64.0"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a number, got '1e-6'"),
+    ({"rope_theta": True}, "rope_theta must be a number, got True"),
+    ({"final_logit_softcapping": float("nan")}, "final_logit_softcapping must be a number, got nan"),
+    ({"sliding_window": "4096"}, "sliding_window must be an integer"),
+    ({"layer_types": "sliding_attention"}, "layer_types must be a list of strings"),
+    ({"rope_parameters": "default"}, "rope_parameters must be an object"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "8"}}, "rope_scaling.factor must be a number, got '8'"),
+    ({"num_hidden_layers": 10 ** 9}, "not a plausible number of layers"),
+]
+
+
+@pytest.mark.parametrize("edit,message", BAD_CONFIG_FIELDS, ids=[m for _, m in BAD_CONFIG_FIELDS])
+def test_config_fields_of_the_wrong_type(edit, message):
+  with pytest.raises(CheckpointError) as e:
+    config_from_hf({**HUB_GEMMA2_9B, **edit}, "x/config.json")
+  assert one_line_error(e).startswith("x/config.json: ") and message in str(e.value)
+
+
+def test_config_fields_of_gemma3_text_and_layer_pattern():
+  g3 = {"model_type": "gemma3_text", "num_hidden_layers": 4}
+  for cfg, message in [({"model_type": "gemma3", "text_config": [1]}, "text_config must be an object"),
+                       ({**g3, "sliding_window_pattern": -6}, "sliding_window_pattern must be >= 1"),
+                       ({**g3, "rope_parameters": {"full_attention": "x"}}, "rope_parameters must be an object")]:
+    with pytest.raises(CheckpointError) as e:
+      config_from_hf(cfg, "x/config.json")
+    one_line_error(e, "x/config.json", message)
+
+
+def test_export_directory_has_mkdirs_permissions(tmp_path):
+  """Not tempfile.mkdtemp's private 0o700: 0o777 & ~umask, like mkdir (and like every file in it)."""
+  imp = read_hf(os.path.join(FIXTURES, "gemma2"), progress=False)
+  old = os.umask(0o022)
+  try:
+    for umask in (0o022, 0o002):
+      os.umask(umask)
+      out = tmp_path / f"out{umask:o}"
+      write_hf(str(out), imp.config, imp.params, progress=False)
+      assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+      assert os.stat(out / "config.json").st_mode & 0o777 == 0o666 & ~umask
+  finally:
+    os.umask(old)
+
+
 def test_write_leaves_nothing_partial(tmp_path):
   imp = read_hf(os.path.join(FIXTURES, "gemma2"), progress=False)
   params = {k: v for k, v in imp.params.items() if k != "final_norm"}  # fails at the very last tensor

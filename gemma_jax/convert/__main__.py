@@ -4,26 +4,25 @@
         [--kind=pt|it] [--template=auto|none|<name>] [--overwrite] [--preset=NAME | --config_json=FILE]
 
 The source format is detected (`detect.py`): our checkpoint, a transformers Gemma directory, an official
-Flax checkpoint or a GGUF file. The destination is written atomically: a failure or Ctrl-C leaves nothing
-at `--dst`. User errors print one line `error: ...` and exit with status 1.
+Flax checkpoint or a GGUF file (`run.convert` does the work). Flags and the destination's directory are
+checked before the source is read. The destination is written atomically: a failure or Ctrl-C leaves nothing
+at `--dst`. User errors print one line `error: ...` and exit with status 1; Ctrl-C prints one line and exits
+with status 130.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
-import shutil
+import signal
 import sys
-from typing import Any
+import threading
+from typing import NoReturn
 
 from absl import app, flags, logging
 
+from gemma_jax.convert.run import _say, convert, identity, partial_outputs, undo_partial_write
 from gemma_jax.errors import UserError, run_main
 from gemma_jax.model.config import TransformerConfig
-
-DST_FORMATS = ("native", "hf")
-DTYPES = ("float32", "bfloat16", "float16")
 
 _SRC = flags.DEFINE_string("src", None, "Checkpoint to read: gemma_jax dir, HF dir, official Flax dir or .gguf.")
 _DST = flags.DEFINE_string("dst", None, "Where to write; must not exist unless --overwrite.")
@@ -41,145 +40,52 @@ _CONFIG_JSON = flags.DEFINE_string("config_json", None, "Official Flax sources o
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --dst.")
 
 
-def _say(line: str) -> None:
-  print(line, file=sys.stderr, flush=True)
-
-
-def _choice(name: str, value: str | None, choices: tuple[str, ...]) -> None:
-  if value is not None and value not in choices:
-    raise UserError(f"--{name}={value}: use one of {', '.join(choices)}")
-
-
-def _read(fmt: str, src: str, dtype: str | None, preset=None):
-  """Reads `src` into an `Imported`; native sources also return their saved template dict."""
-  from gemma_jax.convert.common import Imported
-  if fmt == "native":
-    from gemma_jax import checkpoint
-    ck = checkpoint.load(src, dtype=dtype)
-    source = {k: v for k, v in ck.provenance.items() if k not in ("gemma_jax_version", "created")}
-    imported = Imported(config=ck.config, params=ck.params, tokenizer=ck.tokenizer, kind=ck.kind,
-                        source={"format": "native", "path": src, "provenance": source})
-    return imported, ck.template
-  if fmt == "hf":
-    from gemma_jax.convert.hf import read_hf
-    return read_hf(src, dtype=dtype), None
-  if fmt == "official":
-    from gemma_jax.convert.official import read_official
-    return read_official(src, dtype=dtype, preset=preset), None
-  if fmt == "gguf":
-    from gemma_jax.convert.gguf import read_gguf
-    return read_gguf(src, dtype=dtype or "float32"), None
-  raise AssertionError(fmt)
-
-
-def _template_dict(template: str, imported, saved: dict[str, Any] | None) -> dict[str, Any] | None:
-  """The template to save: 'none', a name, or 'auto': the source's saved one, else the one whose HF Jinja text
-  the source carries, else the family's."""
-  if template == "none":
-    return None
-  try:
-    from gemma_jax import templates
-  except ImportError:
-    if template != "auto":
-      raise UserError(f"--template={template}: chat templates are not available in this gemma_jax") from None
-    return saved
-  if template != "auto":
-    return templates.get_template(template).to_dict()
-  if saved is not None:
-    return saved
-  for name, jinja in templates.HF_CHAT_TEMPLATES.items():
-    if imported.chat_template is not None and imported.chat_template.strip() == jinja.strip():
-      return templates.get_template(name).to_dict()
-  return templates.template_for_family(imported.config.family).to_dict()
-
-
-def _chat_template_text(template: dict[str, Any] | None, imported) -> str | None:
-  """The Jinja chat template written with an HF export: the source's own text, else our template's."""
-  if imported.chat_template is not None:
-    return imported.chat_template
-  if template is None:
-    return None
-  from gemma_jax.templates import ChatTemplate
-  return ChatTemplate.from_dict(template).hf_jinja
-
-
-def _check_dst(dst: str, dst_format: str, overwrite: bool) -> None:
-  if not os.path.lexists(dst):
-    return
-  if not overwrite:
-    raise UserError(f"{dst} exists; delete it, choose another --dst, or pass --overwrite")
-  if dst_format == "native":
-    from gemma_jax.checkpoint import _looks_native
-    ours = os.path.isdir(dst) and _looks_native(dst)
-  else:
-    ours = os.path.isdir(dst) and os.path.isfile(os.path.join(dst, "config.json"))
-  if not ours:
-    raise UserError(f"{dst} exists and is not a {'gemma_jax' if dst_format == 'native' else 'transformers'} "
-                    "checkpoint; refusing to overwrite it")
-
-
-def _write_hf_atomically(dst: str, imported, chat_template, dtype: str | None) -> None:
-  from gemma_jax.checkpoint import _move_into_place
-  from gemma_jax.convert.hf import write_hf
-  tmp = f"{dst}.tmp-{secrets.token_hex(4)}"
-  try:
-    write_hf(tmp, imported.config, imported.params, tokenizer=imported.tokenizer, chat_template=chat_template,
-             dtype=dtype)
-    _move_into_place(tmp, dst)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def convert(*, src: str, dst: str, dst_format: str = "native", dtype: str | None = None,
-            kind: str | None = None, template: str = "auto", overwrite: bool = False,
-            preset: str | TransformerConfig | None = None) -> str:
-  """Reads `src` (any format we read) and writes `dst` (native or hf); returns the source format.
-
-  preset: for official Flax sources, the preset name or config when the shapes do not pin the model down.
-  """
-  from gemma_jax.convert.detect import detect_format
-  _choice("dst_format", dst_format, DST_FORMATS)
-  _choice("dtype", dtype, DTYPES)
-  _choice("kind", kind, ("pt", "it"))
-  src, dst = os.path.normpath(src), os.path.normpath(dst)
-  if os.path.abspath(src) == os.path.abspath(dst):
-    raise UserError(f"--src and --dst are the same path ({src}); write to a new path")
-  _check_dst(dst, dst_format, overwrite)
-  fmt = detect_format(src)
-  if preset is not None and fmt != "official":
-    raise UserError(f"--preset/--config_json apply to official Flax sources only; {src} is {fmt}")
-  _say(f"reading {src} ({fmt})")
-  imported, saved_template = _read(fmt, src, dtype, preset)
-  kind = kind or imported.kind
-  tmpl = _template_dict(template, imported, saved_template)
-
-  if dst_format == "native":
-    from gemma_jax import checkpoint
-    provenance = {"converted_from": {"format": fmt, "path": os.path.abspath(src),
-                                     **{k: v for k, v in imported.source.items() if k not in ("format", "path")}}}
-    if dtype is not None:
-      provenance["converted_from"]["dtype"] = dtype
-    checkpoint.save(dst, config=imported.config, params=imported.params, tokenizer=imported.tokenizer,
-                    template=tmpl, kind=kind, provenance=provenance, overwrite=overwrite)
-  else:
-    _write_hf_atomically(dst, imported, _chat_template_text(tmpl, imported), dtype)
-  if kind is None and dst_format == "native":
-    _say("warning: the source does not say whether it is pretrained or instruction-tuned; pass --kind=pt|it "
-         "so that samplers know (the checkpoint's kind is left unknown)")
-  return fmt
-
-
 def _config_from_json(path: str) -> TransformerConfig:
+  from gemma_jax.convert.common import read_json_object
   try:
-    with open(path) as f:
-      d = json.load(f)
-  except OSError as e:
-    raise UserError(f"--config_json={path}: cannot read ({e.strerror})") from None
-  except ValueError as e:
-    raise UserError(f"--config_json={path}: not valid JSON ({e})") from None
-  if not isinstance(d, dict):
-    raise UserError(f"--config_json={path}: expected a JSON object of TransformerConfig fields")
-  return TransformerConfig.from_dict(d)
+    d = read_json_object(path)
+  except UserError as e:  # its message starts with the path
+    raise UserError(f"--config_json={e}") from None
+  try:
+    return TransformerConfig.from_dict(d)
+  except (TypeError, ValueError) as e:  # missing fields, values of the wrong type
+    raise UserError(f"--config_json={path}: not a model config of TransformerConfig fields ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ctrl-C
+
+class _Interrupts:
+  """The SIGINT handler during a conversion.
+
+  The first Ctrl-C raises KeyboardInterrupt as usual, but first mutes stderr (fd 2, the C level included):
+  orbax's and tensorstore's worker threads print tracebacks ("Event loop is closed") once the interrupted
+  event loop is gone, and that is not the user's problem. Later Ctrl-Cs are ignored so the cleanup finishes.
+  """
+
+  def __init__(self):
+    self.fired = False
+    self.stderr: int | None = None  # the real stderr, for the one line said at the end
+
+  def __call__(self, signum, frame):
+    if self.fired:
+      return
+    self.fired = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stderr.flush()
+    self.stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted(line: str, stderr_fd: int | None) -> NoReturn:
+  """Says `line` on the real stderr and leaves at once: exit handlers (jax's, orbax's threads) could print
+  more tracebacks or hang on the interrupted work."""
+  sys.stdout.flush()
+  os.write(stderr_fd if stderr_fd is not None else 2, f"error: {line}\n".encode())
+  os._exit(130)
 
 
 def _main(argv):
@@ -195,13 +101,22 @@ def _main(argv):
     if preset:
       raise UserError("pass either --preset or --config_json, not both")
     preset = _config_from_json(_CONFIG_JSON.value)
+  dst = _DST.value
+  guard = _Interrupts() if threading.current_thread() is threading.main_thread() else None
+  if guard is not None:
+    signal.signal(signal.SIGINT, guard)
+  before, dst_id = partial_outputs(dst), identity(os.path.abspath(dst))
   try:
-    fmt = convert(src=_SRC.value, dst=_DST.value, dst_format=_DST_FORMAT.value, dtype=_DTYPE.value,
+    fmt = convert(src=_SRC.value, dst=dst, dst_format=_DST_FORMAT.value, dtype=_DTYPE.value,
                   kind=_KIND.value, template=_TEMPLATE.value, overwrite=_OVERWRITE.value, preset=preset)
-  except KeyboardInterrupt:
-    print(f"error: interrupted; nothing was written to {_DST.value}", file=sys.stderr, flush=True)
-    raise SystemExit(130)
-  _say(f"wrote {_DST.value} ({_DST_FORMAT.value}, from {fmt})")
+  except BaseException:
+    if guard is None or not guard.fired:
+      raise
+  if guard is not None:
+    if guard.fired:  # whatever the interrupt turned into on its way up (or if some code swallowed it)
+      _exit_interrupted(undo_partial_write(dst, before, dst_id), guard.stderr)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late Ctrl-C must not break the exit into a traceback
+  _say(f"wrote {dst} ({_DST_FORMAT.value}, from {fmt})")
 
 
 def main(argv):

@@ -7,7 +7,6 @@ weights: refused, convert to safetensors; anything else: what a checkpoint looks
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Literal
 
@@ -55,26 +54,31 @@ def _pickle_error(path: str, files: list[str]) -> CheckpointError:
 
 
 def _read_hf_config(path: str) -> dict:
-  cfg_path = os.path.join(path, "config.json")
-  try:
-    with open(cfg_path) as f:
-      cfg = json.load(f)
-  except ValueError as e:
-    raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-  if not isinstance(cfg, dict):
-    raise CheckpointError(f"{cfg_path}: expected a JSON object")
-  return cfg
+  from gemma_jax.convert.common import read_json_object
+  return read_json_object(os.path.join(path, "config.json"))
 
 
 def _check_hf_architecture(path: str, cfg: dict) -> None:
   model_type = cfg.get("model_type")
   archs = cfg.get("architectures") or []
+  if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+    raise CheckpointError(f"{path}/config.json: architectures must be a list of class names, got {archs!r}")
   if model_type in HF_MODEL_TYPES or any(a in HF_ARCHITECTURES for a in archs):
     return
   what = ", ".join(archs) if archs else "no architectures entry"
   raise CheckpointError(
       f"{path}/config.json: unsupported architecture ({what}; model_type {model_type!r}); gemma_jax converts "
       f"Gemma 1/2/3 text models (model_type one of {', '.join(HF_MODEL_TYPES)})")
+
+
+def _looks_native(path: str) -> bool:
+  """checkpoint's test for our format, with a too-deep metadata.json as a CheckpointError."""
+  from gemma_jax.checkpoint import METADATA_FILE
+  from gemma_jax.checkpoint import _looks_native as looks_native
+  try:
+    return looks_native(path)
+  except RecursionError:  # json recurses once per nesting level
+    raise CheckpointError(f"{os.path.join(path, METADATA_FILE)}: JSON nested too deeply to read") from None
 
 
 def detect_format(path: str | os.PathLike) -> Format:
@@ -96,8 +100,11 @@ def detect_format(path: str | os.PathLike) -> Format:
                             "its config.json")
     raise CheckpointError(f"{path}: not a checkpoint; {EXPECTED}")
 
-  files = os.listdir(path)
-  from gemma_jax.checkpoint import METADATA_FILE, _looks_native
+  try:
+    files = os.listdir(path)
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot list the directory ({e.strerror})") from None
+  from gemma_jax.checkpoint import METADATA_FILE
   if METADATA_FILE in files and _looks_native(path):
     return "native"
 

@@ -31,18 +31,19 @@ from __future__ import annotations
 import glob
 import json
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from gemma_jax.convert.common import Imported
-from gemma_jax.errors import CheckpointError, ConfigError
+from gemma_jax.convert.common import Imported, read_json_object
+from gemma_jax.errors import CheckpointError, ConfigError, UserError
 from gemma_jax.model.config import PRESETS, AttentionType, TransformerConfig
+from gemma_jax.paths import inside
 from gemma_jax.tokenizer import Tokenizer
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
@@ -86,35 +87,80 @@ def _rope_error(source: str, what: str) -> CheckpointError:
                          "scaling on Gemma 3 global layers)")
 
 
-def _rope(params: Any, source: str, default_theta: float) -> tuple[float, float]:
+def _rope(params: Any, source: str, default_theta: float, key: str = "rope_parameters") -> tuple[float, float]:
   """(base, linear factor) from one rope_parameters / rope_scaling dict."""
+  if params is not None and not isinstance(params, Mapping):
+    raise CheckpointError(f"{source}: {key} must be an object, got {params!r}")
   params = dict(params or {})
   kind = params.get("rope_type", params.get("type", "default"))
-  theta = float(params.get("rope_theta", default_theta))
+  theta = _number(params, "rope_theta", source, default_theta, where=f"{key}.")
   if kind == "default":
     return theta, 1.0
   if kind == "linear":
-    return theta, float(params.get("factor", 1.0))
+    return theta, _number(params, "factor", source, 1.0, where=f"{key}.")
   raise _rope_error(source, f"rope_type={kind!r}")
+
+
+# config.json fields and the JSON types they must have (a string where a number belongs is refused, not cast).
+_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings")
+_OPTIONAL_INT_KEYS = ("sliding_window", "sliding_window_size", "sliding_window_pattern")
+_FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar")
+_OPTIONAL_FLOAT_KEYS = ("attn_logit_softcapping", "final_logit_softcapping")
+
+
+def _number(d: Mapping[str, Any], key: str, source: str, default: Any = None, *, integer: bool = False,
+            where: str = "") -> Any:
+  """d[key] as a finite float (or an int), `default` when absent; CheckpointError for any other JSON type."""
+  v = d.get(key, default)
+  if v is None:
+    return None
+  ok = isinstance(v, int) if integer else isinstance(v, (int, float)) and np.isfinite(v)
+  if isinstance(v, bool) or not ok:
+    raise CheckpointError(f"{source}: {where}{key} must be {'an integer' if integer else 'a number'}, got {v!r}")
+  return int(v) if integer else float(v)
+
+
+def _check_types(c: Mapping[str, Any], source: str) -> None:
+  for k in _INT_KEYS + _OPTIONAL_INT_KEYS:
+    _number(c, k, source, integer=True)
+  for k in _FLOAT_KEYS + _OPTIONAL_FLOAT_KEYS:
+    _number(c, k, source)
+  lt = c.get("layer_types")
+  if lt is not None and not (isinstance(lt, list) and all(isinstance(t, str) for t in lt)):
+    raise CheckpointError(f"{source}: layer_types must be a list of strings, got {lt!r}")
 
 
 def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> TransformerConfig:
   """Our config from a transformers config.json dict (legacy hub keys and transformers >= 5 keys).
 
   `source` names the file in error messages. Raises CheckpointError for architectures or settings our model
-  does not implement.
+  does not implement, and for fields of the wrong type.
   """
+  try:
+    return _config_from_hf(cfg, source)
+  except (TypeError, ValueError, AttributeError, ArithmeticError) as e:  # any shape _check_types does not foresee
+    raise CheckpointError(f"{source}: malformed config ({e})") from None
+
+
+def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
+  if not isinstance(cfg, Mapping):
+    raise CheckpointError(f"{source}: expected a JSON object")
   model_type = cfg.get("model_type")
   if model_type == "gemma3":  # multimodal: the language model's config
-    cfg = dict(cfg.get("text_config") or {})
+    text = cfg.get("text_config")
+    if text is not None and not isinstance(text, Mapping):
+      raise CheckpointError(f"{source}: text_config must be an object, got {text!r}")
+    cfg = dict(text or {})
     cfg.setdefault("model_type", "gemma3_text")
     model_type = cfg["model_type"]
-  if model_type not in FAMILY_OF:
+  if not isinstance(model_type, str) or model_type not in FAMILY_OF:
     raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; this converter reads Gemma "
                           f"checkpoints ({', '.join(SUPPORTED_MODEL_TYPES)})")
   family = FAMILY_OF[model_type]
   c = dict(_HF_DEFAULTS[model_type])
   c.update({k: v for k, v in cfg.items() if v is not None or k.endswith("softcapping")})
+  _check_types(c, source)
 
   act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
   # Gemma 1 hub configs say "gelu" but the model (and transformers) use the tanh approximation.
@@ -128,6 +174,8 @@ def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> Trans
     raise CheckpointError(f"{source}: tie_word_embeddings=false is not supported (Gemma ties the output head)")
 
   num_layers = int(c["num_hidden_layers"])
+  if not 1 <= num_layers <= 4096:  # the per-layer lists below are built before the config is validated
+    raise CheckpointError(f"{source}: num_hidden_layers={num_layers} is not a plausible number of layers")
   window = cfg.get("sliding_window") or cfg.get("sliding_window_size") or c.get("sliding_window")
   # Layer types: transformers >= 5 lists them; legacy configs give a pattern (G3) or imply one (G2: even = local).
   if c.get("layer_types"):
@@ -139,6 +187,8 @@ def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> Trans
     types = [AttentionType.LOCAL if t == "sliding_attention" else AttentionType.GLOBAL for t in names]
   elif family == "gemma3":
     pattern = int(c.get("sliding_window_pattern") or 6)
+    if pattern < 1:
+      raise CheckpointError(f"{source}: sliding_window_pattern must be >= 1, got {pattern}")
     types = [AttentionType.LOCAL if (i + 1) % pattern else AttentionType.GLOBAL for i in range(num_layers)]
   elif family == "gemma2":
     types = [AttentionType.LOCAL if i % 2 == 0 else AttentionType.GLOBAL for i in range(num_layers)]
@@ -151,12 +201,14 @@ def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> Trans
   # rope_scaling.
   rp = cfg.get("rope_parameters")
   if family == "gemma3":
+    if rp is not None and not isinstance(rp, Mapping):
+      raise CheckpointError(f"{source}: rope_parameters must be an object, got {rp!r}")
     if rp and ("full_attention" in rp or "sliding_attention" in rp):
       global_base, scale = _rope(rp.get("full_attention"), source, c["rope_theta"])
       local_base, local_scale = _rope(rp.get("sliding_attention"), source, c["rope_local_base_freq"])
     else:
-      global_base, scale = _rope(dict(cfg.get("rope_scaling") or {}, rope_theta=c["rope_theta"]), source,
-                                 c["rope_theta"])
+      global_base, scale = _rope(_with_theta(cfg.get("rope_scaling"), c["rope_theta"], source), source,
+                                 c["rope_theta"], "rope_scaling")
       local_base, local_scale = float(c["rope_local_base_freq"]), 1.0
     if local_scale != 1.0:
       raise _rope_error(source, "scaling on sliding-window layers")
@@ -164,7 +216,8 @@ def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> Trans
     if rp:
       base, scale = _rope(rp, source, c["rope_theta"])
     else:
-      base, scale = _rope(dict(cfg.get("rope_scaling") or {}, rope_theta=c["rope_theta"]), source, c["rope_theta"])
+      base, scale = _rope(_with_theta(cfg.get("rope_scaling"), c["rope_theta"], source), source, c["rope_theta"],
+                          "rope_scaling")
     if scale != 1.0:
       raise _rope_error(source, f"rope scaling factor {scale} (Gemma 1/2 have none)")
     local_base = global_base = base
@@ -188,6 +241,12 @@ def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> Trans
   except ConfigError as e:
     raise CheckpointError(f"{source}: {e}") from None
   return config.replace(preset=_match_preset(config))
+
+
+def _with_theta(scaling: Any, theta: Any, source: str) -> dict:
+  if scaling is not None and not isinstance(scaling, Mapping):
+    raise CheckpointError(f"{source}: rope_scaling must be an object, got {scaling!r}")
+  return dict(scaling or {}, rope_theta=theta)
 
 
 def _opt_float(x) -> float | None:
@@ -544,6 +603,9 @@ class _SafetensorsFile:
         self.entries[name] = (dt, shape, start)
       if self.base + end_max > size:
         raise ValueError(f"truncated: header describes {self.base + end_max} bytes, file has {size}")
+    except RecursionError:  # a header nested deeper than json can parse
+      raise CheckpointError(f"{path}: not a valid safetensors file (header nested too deeply); re-download or "
+                            "re-export it") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
       msg = getattr(e, "strerror", None) or str(e)
       raise CheckpointError(f"{path}: not a valid safetensors file ({msg}); re-download or re-export it") from None
@@ -585,24 +647,17 @@ def _write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], np.dty
 # ---------------------------------------------------------------------------------------------------------
 # Directories
 
-def _read_json(path: str) -> dict:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
-  except OSError as e:
-    raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-
-
 def _chat_template(path: str) -> str | None:
   jinja = os.path.join(path, "chat_template.jinja")
   if os.path.isfile(jinja):
-    with open(jinja, encoding="utf-8") as f:
-      return f.read()
+    try:
+      with open(jinja, encoding="utf-8") as f:
+        return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{jinja}: cannot read the chat template ({getattr(e, 'strerror', None) or e})") from None
   tc = os.path.join(path, "tokenizer_config.json")
   if os.path.isfile(tc):
-    t = _read_json(tc).get("chat_template")
+    t = read_json_object(tc).get("chat_template")
     if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
       by_name = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
       t = by_name.get("default") or next(iter(by_name.values()), None)
@@ -616,23 +671,29 @@ def is_hf_dir(path: str) -> bool:
   if not os.path.isfile(cfg):
     return False
   try:
-    with open(cfg, encoding="utf-8") as f:
-      return "model_type" in json.load(f)
-  except (OSError, ValueError):
+    return "model_type" in read_json_object(cfg)
+  except CheckpointError:
     return False
 
 
 def _weight_files(path: str) -> list[str]:
   index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.isfile(index):
-    wm = _read_json(index).get("weight_map")
+  if os.path.lexists(index):
+    wm = read_json_object(index).get("weight_map")
     if not isinstance(wm, dict) or not wm:
       raise CheckpointError(f"{index}: no weight_map; re-download the index or the checkpoint")
+    for v in wm.values():
+      if not isinstance(v, str):
+        raise CheckpointError(f"{index}: weight_map values must be shard file names, got {v!r}")
     files = sorted(set(wm.values()))
-    for f in files:
-      if not os.path.isfile(os.path.join(path, f)):
+    try:  # a shard is only read inside the checkpoint directory (an index may name /etc/passwd)
+      paths = [inside(path, f, f"{index}: weight_map") for f in files]
+    except UserError as e:
+      raise CheckpointError(str(e)) from None
+    for f, p in zip(files, paths):
+      if not os.path.isfile(p):
         raise CheckpointError(f"{index}: lists {f}, which is missing from {path}; download every shard")
-    return [os.path.join(path, f) for f in files]
+    return paths
   files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
   if files:
     return files
@@ -655,9 +716,9 @@ def read_hf(path: str, dtype: Any = None, progress: bool = True, vocab_rows: int
     raise CheckpointError(f"{path}: {what}; expected a transformers checkpoint directory (config.json + "
                           "*.safetensors)")
   cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
+  if not os.path.lexists(cfg_path):
     raise CheckpointError(f"{path}: no config.json; not a transformers checkpoint directory")
-  hf_cfg = _read_json(cfg_path)
+  hf_cfg = read_json_object(cfg_path)
   config = config_from_hf(hf_cfg, cfg_path)
   files = [_SafetensorsFile(f) for f in _weight_files(path)]
   index = os.path.join(path, "model.safetensors.index.json")
@@ -686,7 +747,7 @@ def read_hf(path: str, dtype: Any = None, progress: bool = True, vocab_rows: int
   tokenizer = Tokenizer(tok_path) if os.path.isfile(tok_path) else None
   source = {"format": "hf", "path": os.path.abspath(path), "model_type": hf_cfg.get("model_type"),
             "files": [os.path.basename(f.path) for f in files], "stored_dtype": ",".join(stored)}
-  if hf_cfg.get("_name_or_path"):
+  if isinstance(hf_cfg.get("_name_or_path"), str) and hf_cfg["_name_or_path"]:
     source["name_or_path"] = hf_cfg["_name_or_path"]
   return Imported(config=config, params=params, tokenizer=tokenizer, chat_template=_chat_template(path),
                   kind=None, source=source)
@@ -733,7 +794,10 @@ def write_hf(path: str, config: TransformerConfig, params: Mapping[str, Any], to
 
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".partial-", dir=parent)
+  # os.mkdir, not tempfile.mkdtemp: the directory becomes `path`, so it gets mkdir's mode (0o777 & ~umask),
+  # not mkdtemp's private 0o700.
+  tmp = os.path.join(parent, f"{os.path.basename(path)}.partial-{secrets.token_hex(4)}")
+  os.mkdir(tmp)
   try:
     tensors = params_to_hf(config, params, vocab_rows=rows, dtype=dt)
     tensors = iter(_progress(tensors, progress, "writing tensors"))
