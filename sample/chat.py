@@ -31,11 +31,14 @@ def main(argv):
 
 def _run():
   from gemma_jax.errors import UserError
-  from gemma_jax.sampling.chat import ChatSession
+  from gemma_jax.sampling.chat import ChatSession, check_system
 
   sampling = common_flags.sampling_params()
   max_new = common_flags.require_positive(_MAX_NEW)
+  common_flags.check_template(_TEMPLATE.value, for_chat=True)
   ck, sampler, template = common_flags.load(_TEMPLATE.value, for_chat=True)
+  if common_flags.SYSTEM.value:  # before the first turn, not at every one
+    check_system(template, common_flags.SYSTEM.value, sampler.tokenizer, what="--system")
   session = ChatSession(sampler, template, system=common_flags.SYSTEM.value, sampling=sampling,
                         max_new_tokens=max_new, stop_strings=tuple(common_flags.STOP.value), kind=ck.kind)
   interactive = sys.stdin.isatty()

@@ -28,11 +28,30 @@ STOP = flags.DEFINE_multi_string("stop", [], "A stop string (repeatable); the ou
 
 
 def sampling_params():
-  """The `SamplingParams` of the sampling flags (it raises UserError on a bad value)."""
+  """The `SamplingParams` of the sampling flags; UserError naming the flag for a bad (NaN, infinite,
+  out-of-range) value."""
+  from gemma_jax.errors import UserError
   from gemma_jax.sampling import SamplingParams
-  return SamplingParams(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value, min_p=MIN_P.value,
-                        repetition_penalty=REPETITION_PENALTY.value, presence_penalty=PRESENCE_PENALTY.value,
-                        seed=SEED.value)
+  from gemma_jax.sampling.strategies import SamplingOptionError
+  try:
+    return SamplingParams(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value,
+                          min_p=MIN_P.value, repetition_penalty=REPETITION_PENALTY.value,
+                          presence_penalty=PRESENCE_PENALTY.value, seed=SEED.value)
+  except SamplingOptionError as e:  # the option's name is the flag's
+    raise UserError(f"--{e.field}={e.value}: {e.why}") from None
+
+
+def check_template(value: str, *, for_chat: bool = False) -> None:
+  """UserError for a --template that names no template, before the checkpoint is loaded."""
+  from gemma_jax.errors import UserError
+  from gemma_jax.templates import TEMPLATE_NAMES
+  chat_names = [n for n in TEMPLATE_NAMES if n != "completion"]
+  if for_chat and value in ("none", "completion"):
+    raise UserError(f"--template={value}: chat needs a chat template with turns; use auto or one of "
+                    f"{', '.join(chat_names)} (plain completion: python -m sample.sample --template=none)")
+  if value not in ("auto", "none", *TEMPLATE_NAMES):
+    names = chat_names if for_chat else ["none", *TEMPLATE_NAMES]
+    raise UserError(f"--template={value}: not a chat template; use auto or one of {', '.join(names)}")
 
 
 def require_positive(flag: flags.FlagHolder[int]) -> int:

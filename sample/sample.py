@@ -62,16 +62,19 @@ def _read_prompts() -> list[str]:
 
 def _run():
   import gemma_jax
-  from gemma_jax.sampling.chat import pt_warning
+  from gemma_jax.sampling.chat import check_system, pt_warning
   from gemma_jax.sampling.stopping import default_stop_ids, parse_stop_tokens
 
-  prompts = _read_prompts()
+  common_flags.check_template(_TEMPLATE.value)
   sampling = common_flags.sampling_params()
   max_new = common_flags.require_positive(_MAX_NEW)
   batch_size = common_flags.require_positive(_BATCH)
+  prompts = _read_prompts()
   logging.info("gemma_jax %s", gemma_jax.__version__)
   ck, sampler, template = common_flags.load(_TEMPLATE.value)
   tok = sampler.tokenizer
+  if common_flags.SYSTEM.value:  # plain completion would drop it silently
+    check_system(template, common_flags.SYSTEM.value, tok, what="--system")
   if template is None:
     logging.info("plain completion (BOS + prompt text)%s", " of a PT checkpoint" if ck.kind == "pt" else "")
     rows = [tok.encode(p, add_bos=True) for p in prompts]

@@ -102,6 +102,76 @@ def test_chat_repl(tiny_ckpt):
   assert r.stdout.count("\n") == 1
 
 
+# Runs several command lines of one script in one process (one jax import): flags are reset between cases.
+_CASES = r"""
+import contextlib, io, json, sys, traceback
+from absl import flags
+name, cases = sys.argv[1], json.loads(sys.argv[2])
+module = __import__(name, fromlist=["main"])
+results = []
+for args, stdin in cases:
+  flags.FLAGS.unparse_flags()
+  err, out, rc = io.StringIO(), io.StringIO(), 0
+  sys.stdin = io.StringIO(stdin)
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+    try:
+      flags.FLAGS([name, *args])
+      module.main([name])
+    except SystemExit as e:
+      rc = e.code
+    except BaseException:
+      traceback.print_exc()
+      rc = "traceback"
+  results.append({"rc": rc, "stderr": err.getvalue(), "stdout": out.getvalue()})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def _run_cases(module, cases):
+  """[(args, stdin)] -> [{"rc", "stderr", "stdout"}] of each case."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  r = subprocess.run([sys.executable, "-c", _CASES, module, json.dumps(cases)], cwd=ROOT, capture_output=True,
+                     text=True, timeout=600, env={**env, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.loads(r.stdout.split("RESULTS ", 1)[1])
+
+
+def _one_error_line(result):
+  assert "Traceback" not in result["stderr"], result["stderr"]
+  lines = [x for x in result["stderr"].splitlines() if x.startswith("error:")]
+  assert result["rc"] == 1 and len(lines) == 1, result
+  return lines[0]
+
+
+def test_bad_flags_are_refused_at_start(tiny_ckpt):
+  """NaN / infinite sampling values, template typos (before the checkpoint is even loaded: --ckpt does not
+  exist), and a --system message that the template cannot take (sample: before sampling; chat: before the
+  first turn, not at every turn)."""
+  it, nowhere = f"--ckpt={tiny_ckpt['it']}", "--ckpt=/nonexistent/ckpt"
+  sample_cases = [
+      ([it, "--presence_penalty=nan"], "error: --presence_penalty=nan: must be a finite number (0 = off)"),
+      ([it, "--temperature=inf"], "error: --temperature=inf: must be a finite number >= 0 (0 = greedy)"),
+      ([it, "--top_p=nan"], "error: --top_p=nan: must be in (0, 1] (1 = off)"),
+      ([it, "--repetition_penalty=-inf"], "error: --repetition_penalty=-inf: must be a finite number > 0 (1 = off)"),
+      ([nowhere, "--template=gemm"],
+       "error: --template=gemm: not a chat template; use auto or one of none, gemma, gemma3, completion"),
+      ([it, "--template=none", "--system=be brief"],
+       "error: --system: plain completion has no system message; use a chat template that has one (gemma3)"),
+      ([it, "--template=gemma", "--system=be brief"], "error: --system: the 'gemma' template has no system role"),
+  ]
+  chat_cases = [
+      ([nowhere, "--template=gemm"], "error: --template=gemm: not a chat template; use auto or one of gemma, gemma3"),
+      ([nowhere, "--template=none"], "error: --template=none: chat needs a chat template with turns"),
+      ([nowhere, "--min_p=nan"], "error: --min_p=nan: must be in [0, 1) (0 = off)"),
+      ([it, "--template=gemma", "--system=be brief"], "error: --system: the 'gemma' template has no system role"),
+  ]
+  for module, cases in (("sample.sample", sample_cases), ("sample.chat", chat_cases)):
+    results = _run_cases(module, [(args, "hello\nhow are you today ?\n") for args, _ in cases])
+    for (args, message), result in zip(cases, results):
+      assert _one_error_line(result).startswith(message), (args, result["stderr"])
+      assert result["stdout"] == "", (args, result["stdout"])
+
+
 @pytest.mark.slow
 def test_default_sample_runs_the_real_model():
   """`python -m sample.sample` with no flags: greedy continuation of the default prompt by the real 270M."""

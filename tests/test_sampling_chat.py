@@ -78,3 +78,12 @@ def test_resolve_template():
     resolve_template("none", saved, "gemma3", for_chat=True)
   with pytest.raises(UserError):
     resolve_template("nope", saved, "gemma3")
+
+
+def test_system_message_the_template_cannot_take_is_refused_at_once(sampler, tiny_tokenizer):
+  """At construction, not on every turn: Gemma 1/2's template has no system role."""
+  with pytest.raises(UserError) as e:
+    ChatSession(sampler, get_template("gemma"), system="be brief")
+  assert str(e.value) == ("system message: the 'gemma' template has no system role (Gemma 1/2 and plain "
+                          "completion reject it); merge it into the first user message or use 'gemma3'")
+  assert ChatSession(sampler, get_template("gemma3"), system="be brief").messages[0]["role"] == "system"

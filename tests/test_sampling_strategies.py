@@ -106,8 +106,21 @@ def test_penalties_match_reference():
   assert not off.strategy(V).repetition and not off.strategy(V).presence
 
 
+NAN, INF = float("nan"), float("inf")
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=-2), dict(top_p=0), dict(top_p=1.5),
-                                dict(min_p=1.0), dict(repetition_penalty=0)])
+                                dict(min_p=1.0), dict(repetition_penalty=0), dict(temperature=NAN),
+                                dict(temperature=INF), dict(top_p=NAN), dict(min_p=NAN),
+                                dict(repetition_penalty=INF), dict(repetition_penalty=NAN),
+                                dict(presence_penalty=NAN), dict(presence_penalty=-INF), dict(seed=2 ** 64),
+                                dict(top_k=True)])
 def test_bad_params_are_user_errors(kw):
-  with pytest.raises(UserError):
+  """NaN and infinities included: NaN passes no comparison, so each check must be one that NaN fails."""
+  from gemma_jax.sampling.strategies import SamplingOptionError
+  with pytest.raises(SamplingOptionError) as e:
     SamplingParams(**kw)
+  (field, value), = kw.items()
+  assert e.value.field == field and str(e.value).startswith(f"sampling option {field}={value!r}: ")
+  assert isinstance(e.value, UserError)
+  SamplingParams(temperature=np.float32(0.7), top_p=np.float32(0.9), presence_penalty=-0.5)  # numpy, negative ok

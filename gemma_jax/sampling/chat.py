@@ -31,6 +31,18 @@ def pt_warning(kind: str | None) -> str | None:
   return PT_CHAT_WARNING if kind == "pt" else None
 
 
+def check_system(template: ChatTemplate | None, system: str, tokenizer, what: str = "system message") -> None:
+  """UserError now, not at every turn, when `template` cannot take the system message (Gemma 1/2's template
+  has no system role; None, plain completion, has no messages). `what` names it in the message."""
+  if template is None or not template.is_chat:
+    raise UserError(f"{what}: plain completion has no system message; use a chat template that has one "
+                    "(gemma3)")
+  try:
+    template.render_prompt([{"role": "system", "content": system}, {"role": "user", "content": "."}], tokenizer)
+  except UserError as e:
+    raise UserError(f"{what}: {str(e).removeprefix('message 0: ')}") from None
+
+
 def resolve_template(requested: str, saved: Mapping[str, Any] | None, family: str, *, kind: str | None = None,
                      strict: bool = False, for_chat: bool = False,
                      warn: Callable[[str], None] = logging.warning) -> ChatTemplate | None:
@@ -68,7 +80,7 @@ class ChatSession:
   Args:
     sampler: the model.
     template: a chat template (`ChatTemplate`), e.g. the checkpoint's.
-    system: an optional system message (templates that have no system role refuse it).
+    system: an optional system message (templates that have no system role refuse it here, at once).
     kind: the checkpoint's kind; "pt" prints the PT lesson once.
   """
 
@@ -81,6 +93,8 @@ class ChatSession:
     self.sampler, self.template, self.system = sampler, template, system
     self.sampling, self.max_new_tokens = sampling, max_new_tokens
     tok = sampler.tokenizer
+    if system:
+      check_system(template, system, tok)
     self.stop = StopRules(tuple(template.stop_token_ids(tok)), tuple(stop_strings))
     if pt_warning(kind):
       warn(pt_warning(kind))

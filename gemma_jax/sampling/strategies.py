@@ -16,6 +16,8 @@ Penalties:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -24,6 +26,18 @@ import jax.numpy as jnp
 from gemma_jax.errors import UserError
 
 NEG_INF = -1e30  # finite: a row whose every candidate is filtered still samples (its best token)
+
+
+class SamplingOptionError(UserError):
+  """A bad `SamplingParams` value; `field` names it, so that a script can name its flag instead."""
+
+  def __init__(self, field: str, value, why: str):
+    super().__init__(f"sampling option {field}={value!r}: {why}")
+    self.field, self.value, self.why = field, value, why
+
+
+def _finite(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +54,23 @@ class SamplingParams:
 
   def __post_init__(self):
     def bad(field, why):
-      raise UserError(f"sampling option {field}={getattr(self, field)!r}: {why}")
+      raise SamplingOptionError(field, getattr(self, field), why)
 
-    if not self.temperature >= 0:
-      bad("temperature", "must be >= 0 (0 = greedy)")
-    if not isinstance(self.top_k, int) or self.top_k < 0:
+    # Every check is written so that NaN fails it (NaN compares false); infinities are refused explicitly.
+    if not (_finite(self.temperature) and self.temperature >= 0):
+      bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+    if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
       bad("top_k", "must be an integer >= 0 (0 = off)")
-    if not 0 < self.top_p <= 1:
+    if not (_finite(self.top_p) and 0 < self.top_p <= 1):
       bad("top_p", "must be in (0, 1] (1 = off)")
-    if not 0 <= self.min_p < 1:
+    if not (_finite(self.min_p) and 0 <= self.min_p < 1):
       bad("min_p", "must be in [0, 1) (0 = off)")
-    if not self.repetition_penalty > 0:
-      bad("repetition_penalty", "must be > 0 (1 = off)")
+    if not (_finite(self.repetition_penalty) and self.repetition_penalty > 0):
+      bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+    if not _finite(self.presence_penalty):
+      bad("presence_penalty", "must be a finite number (0 = off)")
+    if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -2 ** 63 <= self.seed < 2 ** 63:
+      bad("seed", "must be an integer that fits in 64 bits")
 
   @property
   def greedy(self) -> bool:
