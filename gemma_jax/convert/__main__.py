@@ -84,7 +84,10 @@ def _exit_interrupted(line: str, stderr_fd: int | None) -> NoReturn:
   """Says `line` on the real stderr and leaves at once: exit handlers (jax's, orbax's threads) could print
   more tracebacks or hang on the interrupted work."""
   sys.stdout.flush()
-  os.write(stderr_fd if stderr_fd is not None else 2, f"error: {line}\n".encode())
+  fd = stderr_fd if stderr_fd is not None else 2
+  # A progress bar may have been cut mid-line: start a fresh one (on a terminal, clear it instead).
+  start = "\r\x1b[K" if os.isatty(fd) else "\n"
+  os.write(fd, f"{start}error: {line}\n".encode())
   os._exit(130)
 
 
