@@ -361,8 +361,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   if not _looks_native(path):
     if os.path.isdir(path) and os.path.isfile(md_path) and _ours_but_damaged(path):
       if "format" not in _parse_metadata(md_path):  # raises for a metadata.json that does not parse
-        raise CheckpointError(f"{md_path}: damaged metadata.json (no 'format' entry); re-create the checkpoint "
-                              "(convert or save it again)")
+        raise _damaged(md_path, "no 'format' entry")
     _raise_not_native(path)
   if not os.path.isfile(os.path.join(path, COMPLETE_FILE)):
     raise CheckpointError(f"{path}: incomplete gemma_jax checkpoint (no {COMPLETE_FILE} marker: its save was "
@@ -370,13 +369,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   metadata = _parse_metadata(md_path)
   version = metadata.get("format_version")
   if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-    raise CheckpointError(f"{md_path}: invalid format_version {version!r} (expected a positive integer); the "
-                          "metadata is damaged")
+    raise _damaged(md_path, f"invalid format_version {version!r}, expected a positive integer")
   if version > FORMAT_VERSION:
     raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this gemma_jax "
                           f"({_version()}, format {FORMAT_VERSION}) reads; upgrade gemma_jax")
   _check_metadata(md_path, metadata)
   return metadata
+
+
+REDO = "re-create it (convert or save it again from its source)"
+
+
+def _damaged(md_path: str, why: str) -> CheckpointError:
+  return CheckpointError(f"{md_path}: damaged metadata.json ({why}); {REDO}")
 
 
 def _parse_metadata(md_path: str) -> Any:
@@ -387,12 +392,10 @@ def _parse_metadata(md_path: str) -> Any:
   except OSError as e:
     raise CheckpointError(f"{md_path}: cannot read it ({e.strerror})") from None
   except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-    why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
-    raise CheckpointError(f"{md_path}: damaged metadata.json ({why}); re-create the checkpoint (convert or save "
-                          "it again)") from None
+    raise _damaged(md_path, "nested too deeply" if isinstance(e, RecursionError)
+                   else str(e).splitlines()[0][:200]) from None
   if not isinstance(metadata, dict):
-    raise CheckpointError(f"{md_path}: damaged metadata.json (expected a JSON object, got "
-                          f"{type(metadata).__name__}); re-create the checkpoint (convert or save it again)")
+    raise _damaged(md_path, f"expected a JSON object, got {type(metadata).__name__}")
   return metadata
 
 
@@ -402,7 +405,7 @@ _HEX16 = re.compile(r"^[0-9a-f]{16}$")
 def _check_metadata(md_path: str, md: dict[str, Any]) -> None:
   def bad(field: str, value: Any, want: str) -> None:
     shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    raise CheckpointError(f"{md_path}: {field}={shown}: expected {want}; the metadata is damaged")
+    raise _damaged(md_path, f"{field}={shown}: expected {want}")
 
   if not isinstance(md.get("config"), dict):
     bad("config", md.get("config"), "the model config (a JSON object)")
@@ -417,8 +420,7 @@ def _check_metadata(md_path: str, md: dict[str, Any]) -> None:
     if not isinstance(t, dict):
       bad(f"tensors[{name!r}]", t, "{shape, dtype, checksum}")
     shape = t.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
       bad(f"tensors[{name!r}].shape", shape, "a list of non-negative integers")
     if not isinstance(t.get("dtype"), str):
       bad(f"tensors[{name!r}].dtype", t.get("dtype"), "a dtype name")
@@ -504,7 +506,6 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
   if not os.path.isdir(params_dir):
     raise CheckpointError(f"{path}: the {PARAMS_DIR}/ directory is missing; the checkpoint is damaged")
   ckptr = ocp.PyTreeCheckpointer()
-  redo = "re-create it (convert or save it again from its source)"
   params = {}
   with integrity.quiet_orbax():  # a damaged file fails many reads at once; say it once
     for group in sorted(restore_args):
@@ -516,13 +517,13 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
         if reason is None:
           raise
         raise CheckpointError(f"{where}: cannot restore the parameters ({reason}); the checkpoint is damaged; "
-                              f"{redo}") from None
+                              f"{REDO}") from None
       if checked:
         sums = {k[len(group) + 1:]: v["checksum"] for k, v in saved.items() if k.startswith(group + "/")}
         bad = integrity.first_mismatch(tree, sums)
         if bad is not None:
           raise CheckpointError(f"{where}: tensor {group}/{bad} does not match its saved checksum; the checkpoint "
-                                f"is damaged; {redo}")
+                                f"is damaged; {REDO}")
         if cast is not None:
           tree = _cast(tree, cast, shardings[group])
       params[group] = tree
@@ -553,25 +554,26 @@ _FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (s
 def _config_from(md_path: str, cfg: dict[str, Any]) -> TransformerConfig:
   """The model config of metadata.json, or one line naming the field that is wrong."""
   from gemma_jax.errors import ConfigError
-  for f in dataclasses.fields(TransformerConfig):
+  fields = dataclasses.fields(TransformerConfig)
+  unknown = sorted(set(cfg) - {f.name for f in fields})
+  if unknown:
+    raise CheckpointError(f"{md_path}: unknown model config field {unknown[0]!r} ({len(unknown)} in all); written "
+                          f"by a newer gemma_jax? upgrade gemma_jax ({_version()}), or {REDO}")
+  for f in fields:
     if f.name not in cfg:
       if f.default is dataclasses.MISSING:
-        raise CheckpointError(f"{md_path}: config has no {f.name!r} field; the metadata is damaged")
+        raise _damaged(md_path, f"config has no {f.name!r} field")
       continue
     v, ann = cfg[f.name], str(f.type)
-    if v is None and "None" in ann:
-      continue
-    if ann.startswith("tuple"):
-      ok = isinstance(v, list) and all(isinstance(t, str) for t in v)
-      want = "a list of strings"
+    base = ann.replace(" | None", "")
+    if base.startswith("tuple"):
+      ok, want = isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"
     else:
-      base = ann.replace(" | None", "")
       types = _FIELD_TYPES.get(base, (object,))
-      ok = isinstance(v, types) and (bool in types or not isinstance(v, bool))
-      want = base + (" or null" if "None" in ann else "")
-    if not ok:
-      raise CheckpointError(f"{md_path}: config field {f.name}={v!r}: expected {want}; the metadata is damaged")
+      ok, want = isinstance(v, types) and (bool in types or not isinstance(v, bool)), base
+    if not ok and not (v is None and "None" in ann):
+      raise _damaged(md_path, f"config field {f.name}={v!r}: expected {want}{' or null' * ('None' in ann)}")
   try:
     return TransformerConfig.from_dict(cfg)
   except (ConfigError, TypeError, ValueError) as e:
-    raise CheckpointError(f"{md_path}: bad model config ({e})") from None
+    raise _damaged(md_path, f"bad model config: {e}") from None

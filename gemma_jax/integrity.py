@@ -6,6 +6,7 @@ orbax / tensorstore failures mean in one line.
     storage_failure(exc)            -> "No space left on device (writing <file>)" etc., or None for a bug
     with quiet_orbax(): ...         orbax's own ERROR logs (tracebacks of its threads) are dropped: the
                                     failure reaches the caller as an exception and is reported once
+    join_orbax_threads()            waits for the other writes of a failed save before cleaning up
 
 Each element's bits (unsigned ints of the dtype's width; two uint32 words for a 64-bit dtype) are widened to
 uint32 and summed twice, mod 2^32:
@@ -108,8 +109,11 @@ def fingerprints(tree: Any) -> dict[str, str]:
   if not named:
     return {}
   out = _fingerprint_all([x for _, x in named])
-  # Replicated result: this process's copy is the whole of it, also when the input spans hosts.
-  pairs = np.asarray(out.addressable_data(0)) if isinstance(out, jax.Array) else np.asarray(out)
+  if out.is_fully_replicated:  # the usual case: this process's copy is all of it, also across hosts
+    pairs = np.asarray(out.addressable_data(0))
+  else:
+    from jax.experimental import multihost_utils
+    pairs = np.asarray(multihost_utils.process_allgather(out, tiled=True))
   return {path_name(p): _hex(pair) for (p, _), pair in zip(named, pairs)}
 
 
@@ -168,6 +172,18 @@ def storage_failure(e: BaseException) -> str | None:
   return _first_line(causes[-1]) if causes else None
 
 
+def join_orbax_threads(timeout_s: float = 60.0) -> None:
+  """Waits for orbax's background threads: after one write of a save failed, the others may still be
+  writing into its temporary directory (which must be removed after them, not before)."""
+  for t in threading.enumerate():
+    orbax = type(t).__module__.startswith("orbax.") or t.name == "async_save"
+    if orbax and t is not threading.current_thread() and t.is_alive():
+      try:
+        t.join(timeout_s)
+      except Exception:  # orbax's threads re-raise their own failure on join: already reported
+        pass
+
+
 _quiet_lock = threading.Lock()
 _quiet_depth = 0
 _installed = False
@@ -180,14 +196,19 @@ def _orbax_leftover(text: str) -> bool:
   return "orbax" in text or "OCDBT" in text or "Encountered error while reading" in text
 
 
+_RERAISED = ("raised an exception", "Failed to run", "Save Finalize thread", "Checkpointer failed")
+
+
 class _DropOrbaxNoise(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR:
       return True
     if record.name == "asyncio":
       return not ("never retrieved" in str(record.msg) and _orbax_leftover(record.getMessage()))
-    # orbax's own ERROR logs with tracebacks, from the threads of an operation we are reporting
-    return not (_quiet_depth and f"{os.sep}orbax{os.sep}" in record.pathname)
+    # orbax's logs of failures it then raises (from each thread of the operation we report); others, such
+    # as "Failed to remove checkpoint" (swallowed by orbax), stay visible
+    return not (_quiet_depth and f"{os.sep}orbax{os.sep}" in record.pathname
+                and any(m in str(record.msg) for m in _RERAISED))
 
 
 def _in_orbax(args) -> bool:

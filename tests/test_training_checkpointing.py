@@ -200,7 +200,7 @@ def test_disk_full_async_save_is_one_line(setup, tmp_path, surfaces_at, capfd, c
                         r"free some space and run the same command to resume", msg), msg
     ck.wait()  # reported once: the loop's `finally: wait()` does not raise it again
     ck.close()
-    assert sorted(os.listdir(d)) == ["1"]
+    assert sorted(os.listdir(d)) == ["1"], [os.path.join(r, f) for r, ds, fs in os.walk(d) for f in fs + ds if "/1" not in r]
     os.remove(os.path.join(fs, "filler"))
     ck = checkpointing.RunCheckpointer(d, every=1)
     assert ck.latest_step() == 1

@@ -23,6 +23,7 @@ import glob
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -90,6 +91,18 @@ def abandon_steps_after(directory: str, resume_step: int) -> dict[int, str]:
   return moved
 
 
+def _remove_settled(pattern: str, settle_s: float = 0.5, limit_s: float = 10.0) -> None:
+  """Removes what matches `pattern` until nothing reappears for `settle_s`: tensorstore's writes of a failed
+  save (C++ threads) can still create files after the failure was raised."""
+  deadline = time.monotonic() + limit_s
+  while True:
+    for leftover in glob.glob(pattern):
+      shutil.rmtree(leftover, ignore_errors=True)
+    time.sleep(settle_s)
+    if not glob.glob(pattern) or time.monotonic() > deadline:
+      return
+
+
 class RunCheckpointer:
   """Saves every `every` steps (keeping the last `keep`), restores the latest; one per work directory.
 
@@ -111,12 +124,13 @@ class RunCheckpointer:
     if resume_step is not None:
       self.abandoned = abandon_steps_after(self.directory, int(resume_step))
     self._pending: int | None = None  # the step an asynchronous save is still writing
-    integrity.quiet_enter()  # orbax logs its failed threads' tracebacks; we raise the failure once, held to close
-    self._quiet = True
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+    # Until `close`: orbax logs a traceback per thread of a failed save; we raise the failure, once.
+    integrity.quiet_enter()
+    self._quiet = True
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -157,9 +171,9 @@ class RunCheckpointer:
     reason = integrity.storage_failure(e)
     if reason is None:
       raise e
+    integrity.join_orbax_threads()  # its other writes may still be filling the temporary directory
     if jax.process_index() == 0:  # orbax only cleans its temporaries up on the next start
-      for leftover in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-        shutil.rmtree(leftover, ignore_errors=True)
+      _remove_settled(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*"))
     earlier = [s for s in saved_steps(self.directory) if s != step]
     todo = "free some space" if "No space left" in reason else "fix that"
     raise CheckpointError(
