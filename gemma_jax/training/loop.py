@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
 from gemma_jax import checkpoint as ckpt_lib
 from gemma_jax.errors import ConfigError, Interrupted, UserError
@@ -40,6 +39,7 @@ from gemma_jax.model.sharding import ShardingContext, make_mesh
 from gemma_jax.model.transformer import Transformer
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.training import checkpointing, optim, run_data, state as state_lib, step as step_lib
+from gemma_jax.training.batches import global_batch, stack_microbatches
 from gemma_jax.training.dpo import dpo_loss
 from gemma_jax.training.orpo import orpo_loss
 from gemma_jax.training.sft import sft_loss
@@ -166,42 +166,6 @@ def make_aux(config: ml_collections.ConfigDict, start: Start, model_config: Tran
   if config.objective != "dpo":
     return None, None
   return _initial_params(start, model_config, ctx, config.seed), param_shardings(model_config, ctx)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Batches: host-local numpy -> one global array per field
-
-
-def stack_microbatches(micro: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """A list of A host-local [R_local, ...] batches -> [A, R_local, ...], right-padded to their longest T.
-
-  Every host pads to the same T: the data iterator sizes each batch by the global batch's longest row.
-  """
-  t = max(m["tokens"].shape[1] for m in micro)
-  return {k: np.stack([_pad_axis(np.asarray(m[k]), t, axis=1) for m in micro]) for k in micro[0]}
-
-
-def _pad_axis(x: np.ndarray, t: int, axis: int) -> np.ndarray:
-  """Right-pads axis `axis` (the token axis) to length t with zeros (False for masks)."""
-  if x.ndim <= axis or x.shape[axis] == t:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, t - x.shape[axis])
-  return np.pad(x, pad)
-
-
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Host-local [A, R_local, ...] arrays -> global [A, R_local * processes, ...] arrays on the mesh.
-
-  Process i holds rows [i * R_local, (i + 1) * R_local) of every global batch (the data iterator's split), so
-  the global rows are exactly the batch one process would have built alone.
-  """
-  sharding = step_lib.batch_sharding(mesh)
-  out = {}
-  for k, x in local.items():
-    shape = (x.shape[0], x.shape[1] * jax.process_count(), *x.shape[2:])
-    out[k] = jax.make_array_from_process_local_data(sharding, x, shape)
-  return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,10 +342,11 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
           if pending is not None:
             handle(pending)
           pending = (step, metrics, tokens, time.perf_counter())
-          if config.eval.every and step % config.eval.every == 0 and step < num_steps:
+          eval_now = bool(config.eval.every) and step % config.eval.every == 0 and step < num_steps
+          if eval_now:
             handle(pending)
             pending = None
-        if config.eval.every and step % config.eval.every == 0 and step < num_steps and not signals.caught:
+        if eval_now and not signals.caught:
           try:
             with contextlib.nullcontext() if single else signals.deferred():
               last_eval, best_eval = _evaluate(config, data, eval_step, state, aux, mesh, step, writer, start,
