@@ -298,16 +298,18 @@ def assert_quiet(capfd, caplog) -> None:
   assert not [r for r in caplog.records if r.levelno >= 40], [r.getMessage()[:200] for r in caplog.records]
 
 
-def _group_of(data_file: str, params_dir: str) -> str:
-  return os.path.relpath(data_file, params_dir).split(os.sep)[0]
-
-
-def test_flipped_bytes_name_the_damaged_tensor(tmp_path, g3, capfd, caplog):
+def _saved_with_victim(tmp_path, g3):
+  """(checkpoint path, its first tensor data file, that file's group) of a freshly saved checkpoint."""
   config, params = g3
   path = tmp_path / "c"
   checkpoint.save(path, config=config, params=params)
   victim = data_files(path / "params")[0]
-  group = _group_of(victim, path / "params")
+  return path, victim, os.path.relpath(victim, path / "params").split(os.sep)[0]
+
+
+def test_flipped_bytes_name_the_damaged_tensor(tmp_path, g3, capfd, caplog):
+  params = g3[1]
+  path, victim, group = _saved_with_victim(tmp_path, g3)
   flip_bytes(victim)
   with pytest.raises(CheckpointError) as e:
     checkpoint.load(path)
@@ -337,11 +339,7 @@ def test_checkpoints_without_checksums_load_unverified(tmp_path, g3):
 
 
 def test_truncated_tensor_file_is_one_line(tmp_path, g3, capfd, caplog):
-  config, params = g3
-  path = tmp_path / "c"
-  checkpoint.save(path, config=config, params=params)
-  victim = data_files(path / "params")[0]
-  group = _group_of(victim, path / "params")
+  path, victim, group = _saved_with_victim(tmp_path, g3)
   os.truncate(victim, os.path.getsize(victim) // 2)
   with pytest.raises(CheckpointError) as e:
     checkpoint.load(path)
