@@ -92,7 +92,7 @@ def test_two_runs_in_one_workdir_and_signals_anywhere(tiny_tokenizer, tmp_path):
   reads data (not only between steps), and between steps it saves and exits 0."""
   import signal
   import time
-  from training_helpers import REPO, cli_args, make_workspace, run, subprocess_env, write_pairs
+  from training_helpers import REPO, cli_args, make_workspace, run, subprocess_env
   ws = make_workspace(tmp_path, tiny_tokenizer)
   workdir = str(tmp_path / "run")
   over = {"num_steps": 100000, "checkpoint.every": 100000, "eval.every": 0, "data.eval": ""}
@@ -116,14 +116,17 @@ def test_two_runs_in_one_workdir_and_signals_anywhere(tiny_tokenizer, tmp_path):
     a.kill()
 
   # SIGTERM while the training file is still being read and tokenized: it stops there, in one line.
-  big = write_pairs(str(tmp_path / "big.jsonl"), 60_000)
+  big = str(tmp_path / "big.jsonl")
+  with open(big, "w") as f:  # distinct pairs, enough that reading them takes many seconds
+    f.writelines(json.dumps({"prompt": f"hello {i} how are you", "chosen": f"fine {i}", "rejected": f"no {i}"}) + "\n"
+                 for i in range(400_000))
   c = subprocess.Popen(cli_args({**ws, "train": big}, str(tmp_path / "c"), **over), env=subprocess_env(1),
                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   assert "device(s)" in c.stdout.readline()  # the banner: data preparation starts now
-  time.sleep(1.0)
+  time.sleep(0.3)
   sent = time.monotonic()
   c.send_signal(signal.SIGTERM)
   _, err = c.communicate(timeout=60)
   assert time.monotonic() - sent < 20
   assert c.returncode == 128 + signal.SIGTERM, err[-3000:]
-  assert err.strip().splitlines()[-1] == "error: interrupted by SIGTERM" and "Traceback" not in err
+  assert err.strip().splitlines()[-1] == "error: interrupted by SIGTERM" and "Traceback" not in err, err[-3000:]
