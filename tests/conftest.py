@@ -13,6 +13,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# One compilation cache for the session: the many tiny training runs compile the same programs (each run builds
+# new closures, so jit's in-memory cache misses); a cached executable is the same code, so results are unchanged.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="gemma_jax_test_xla_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from gemma_jax.model.config import TransformerConfig  # noqa: E402
 
