@@ -1,6 +1,6 @@
 """ORPO of gemma-2-9b-it in the style of Gemma-2-9B-Chinese-Chat (LLaMA-Factory's ORPO recipe).
 
-lambda 0.05, lr 3e-6, cosine with 10% warmup, 2 epochs, global batch 128 pairs, sequences of 8192 tokens,
+lambda 0.05, lr 3e-6, cosine with 10% warmup (the default schedule), 2 epochs, global batch 128 pairs, sequences of 8192 tokens,
 bf16 compute over f32 master weights, every block rematerialized. Convert the HF weights first:
 
     python -m gemma_jax.convert --src=/path/to/gemma-2-9b-it --dst=/ckpt/gemma2-9b-it
@@ -18,27 +18,18 @@ def get_config(arg: str | None = None):
   del arg
   c = default_config()
   c.init_from = ""  # a gemma_jax checkpoint of gemma-2-9b-it (required)
-  c.objective = "orpo"
   c.loss.orpo_lambda = 0.05
-  c.loss.nll_target = "sequence"
   c.data.template = "gemma"
   c.data.max_length = 8192
   c.batch_size = 128
   c.grad_accum = 16
   c.num_epochs = 2.0
   c.optim.lr = 3e-6
-  c.optim.schedule = "cosine"
-  c.optim.warmup = 0.1
-  c.optim.weight_decay = 0.0
-  c.optim.clip_norm = 1.0
   c.compute_dtype = "bfloat16"
-  c.param_dtype = "float32"
   c.remat = "block"
-  c.mesh = "fsdp:-1"
   c.checkpoint.every = 200
   c.checkpoint.keep = 2
   c.eval.every = 200
   c.eval.num_samples = 4
   c.eval.sample_tokens = 256
-  c.log_every = 10
   return c

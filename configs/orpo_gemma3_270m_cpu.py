@@ -1,4 +1,5 @@
-"""ORPO on the real Gemma 3 270M (PT) on CPU: the default recipe, small enough for a laptop.
+"""ORPO on the real Gemma 3 270M (PT) on CPU: the defaults (ORPO, lambda 0.1, cosine, from the real 270M)
+sized for a laptop.
 
     python -m train.train --config=configs/orpo_gemma3_270m_cpu.py --workdir=/tmp/orpo270m \
         --config.data.train=prefs.jsonl --config.data.eval=prefs_test.jsonl
@@ -13,23 +14,13 @@ from gemma_jax.training.run_config import default_config
 def get_config(arg: str | None = None):
   del arg
   c = default_config()
-  c.init_from = "real:gemma3-270m"
-  c.objective = "orpo"
-  c.loss.orpo_lambda = 0.1
   c.data.template = "gemma3"
   c.data.max_length = 256
   c.batch_size = 4
-  c.grad_accum = 1
-  c.num_epochs = 1.0
   c.optim.lr = 5e-6
-  c.optim.schedule = "cosine"
-  c.optim.warmup = 0.1
-  c.optim.weight_decay = 0.0
-  c.mesh = "fsdp:-1"
   c.checkpoint.every = 50
   c.eval.every = 50
   c.eval.max_batches = 8
-  c.eval.num_samples = 2
   c.eval.sample_tokens = 48
   c.log_every = 1
   return c

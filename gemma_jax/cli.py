@@ -59,3 +59,21 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     return flag_values(argv)
   except flags.Error as e:
     fail(_last_line(str(e)) if "Traceback" in str(e) else str(e).splitlines()[0], USAGE_STATUS)
+
+
+def parse_variants(arg: str | None, choices: dict[str, tuple[str, ...]], where: str) -> dict[str, str]:
+  """A recipe's `--config=FILE:key=value,...` argument -> {key: value}, each key's first choice its default.
+
+  where: the recipe's path, named in the error. ValueError (ml_collections reports it in one line through
+  `define_config_file`) for an unknown key or a value that is not one of the key's choices.
+  """
+  out = {key: options[0] for key, options in choices.items()}
+  usage = ",".join(f"{key}=..." for key in choices)
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if not sep or key not in choices:
+      raise ValueError(f"{where}: bad argument {part!r}; use {usage}")
+    if value not in choices[key]:
+      raise ValueError(f"{where}: {key}={value!r}; use one of {', '.join(choices[key])}")
+    out[key] = value
+  return out

@@ -352,6 +352,16 @@ def _encode_constant(tokenizer: Tokenizer, text: str) -> list[int]:
   return tokenizer.encode(text)
 
 
+def render_prompts(template: ChatTemplate | None, prompts: Sequence[str], tokenizer: Tokenizer, *,
+                   system: str | None = None) -> list[list[int]]:
+  """One token row per prompt for sampling: BOS + text with `template` None (plain completion), else a user
+  turn (after the system message, if any) and the model's turn opened."""
+  if template is None:
+    return [tokenizer.encode(p, add_bos=True) for p in prompts]
+  first = [{"role": "system", "content": system}] if system else []
+  return [template.render_prompt(first + [{"role": "user", "content": p}], tokenizer) for p in prompts]
+
+
 def get_template(name: str) -> ChatTemplate:
   """The template called `name` ("gemma", "gemma3" or "completion")."""
   return ChatTemplate(name)

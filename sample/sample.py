@@ -63,7 +63,8 @@ def _read_prompts() -> list[str]:
 def _run():
   import gemma_jax
   from gemma_jax.sampling.chat import check_system, pt_warning
-  from gemma_jax.sampling.stopping import default_stop_ids, parse_stop_tokens
+  from gemma_jax.sampling.stopping import parse_stop_tokens, stop_ids_for
+  from gemma_jax.templates import render_prompts
 
   common_flags.check_template(_TEMPLATE.value)
   sampling = common_flags.sampling_params()
@@ -77,16 +78,12 @@ def _run():
     check_system(template, common_flags.SYSTEM.value, tok, what="--system")
   if template is None:
     logging.info("plain completion (BOS + prompt text)%s", " of a PT checkpoint" if ck.kind == "pt" else "")
-    rows = [tok.encode(p, add_bos=True) for p in prompts]
-    stop_ids = default_stop_ids(tok)
   else:
     logging.info("chat template %r", template.name)
     if pt_warning(ck.kind):
       logging.warning(pt_warning(ck.kind))
-    system = [{"role": "system", "content": common_flags.SYSTEM.value}] if common_flags.SYSTEM.value else []
-    rows = [template.render_prompt(system + [{"role": "user", "content": p}], tok) for p in prompts]
-    stop_ids = tuple(template.stop_token_ids(tok))
-  stop_ids = tuple(dict.fromkeys(stop_ids + parse_stop_tokens(_STOP_TOKENS.value, tok)))
+  rows = render_prompts(template, prompts, tok, system=common_flags.SYSTEM.value)
+  stop_ids = stop_ids_for(template, tok, parse_stop_tokens(_STOP_TOKENS.value, tok))
 
   stream = _STREAM.value and _FORMAT.value == "text" and len(prompts) == 1
   for b0 in range(0, len(rows), batch_size):

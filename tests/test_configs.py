@@ -3,15 +3,18 @@ the recipes carry the numbers they promise; the script reports config mistakes i
 
 from __future__ import annotations
 
+import ast
 import glob
 import importlib.util
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from training_helpers import REPO, subprocess_env
+from gemma_jax.cli import parse_variants
 from gemma_jax.model.config import DTYPES, REMAT, TransformerConfig
 from gemma_jax.model.sharding import parse_mesh_spec
 from gemma_jax.templates import FAMILY_TEMPLATES, TEMPLATE_NAMES
@@ -45,8 +48,48 @@ CASES = [(os.path.basename(f), arg) for f in FILES for arg in VARIANTS.get(os.pa
 
 
 def test_every_config_file_is_covered():
-  assert {os.path.basename(f) for f in FILES} >= {"orpo_gemma3_270m_cpu.py", "orpo_gemma2_9b_it.py",
-                                                  "finetune.py"}
+  """Each recipe in configs/ is loaded by the cases below, and a recipe with variants has every one of them."""
+  assert {name for name, _ in CASES} == {os.path.basename(f) for f in FILES}
+  for name in VARIANTS:
+    choices = load(os.path.join(CONFIG_DIR, name)).CHOICES
+    combos = {tuple(sorted(parse_variants(arg, choices, name).items())) for arg in VARIANTS[name]}
+    assert len(combos) == np.prod([len(v) for v in choices.values()]), name
+
+
+def assigned_fields(path):
+  """The dotted fields a recipe's get_config assigns (`c.optim.lr = ...` -> "optim.lr")."""
+  tree = ast.parse(open(path).read())
+  (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_config"]
+  out = set()
+  for node in ast.walk(fn):
+    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute):
+      parts, target = [], node.targets[0]
+      while isinstance(target, ast.Attribute):
+        parts.append(target.attr)
+        target = target.value
+      out.add(".".join(reversed(parts)))
+  return out
+
+
+def flat_values(c, prefix=""):
+  out = {}
+  for k, v in c.items():
+    if hasattr(v, "items") and k != "model_overrides":
+      out.update(flat_values(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+@pytest.mark.parametrize("name", [os.path.basename(f) for f in FILES])
+def test_recipes_state_only_what_they_change(name):
+  """A line that sets a field to its default hides what the recipe changes: none may (for some variant)."""
+  module = load(os.path.join(CONFIG_DIR, name))
+  default = flat_values(default_config())
+  changed = set()
+  for arg in VARIANTS.get(name, [None]):
+    changed |= {k for k, v in flat_values(module.get_config(arg)).items() if v != default[k]}
+  assert assigned_fields(os.path.join(CONFIG_DIR, name)) <= changed
 
 
 @pytest.mark.parametrize("name,arg", CASES)
@@ -59,7 +102,11 @@ def test_config_is_valid(name, arg):
   assert c.batch_size % c.grad_accum == 0
   parse_mesh_spec(c.mesh, 8)
   tx, sched = optim.optimizer_from_config(c.optim, 1000)
-  assert float(sched(1000)) >= 0.0
+  warmup = optim.warmup_steps(c.optim.warmup, 1000)
+  assert float(sched(0)) == 0.0 if warmup else float(sched(0)) == pytest.approx(c.optim.lr)
+  assert float(sched(warmup)) == pytest.approx(c.optim.lr, rel=1e-5)  # the peak is the recipe's lr
+  if c.optim.schedule == "cosine":
+    assert float(sched(1000)) == pytest.approx(c.optim.lr * c.optim.min_lr_ratio, abs=1e-12)
   assert c.checkpoint.every > 0 and c.checkpoint.keep > 0
 
 
@@ -85,6 +132,9 @@ def test_recipes_carry_their_numbers():
     ft.get_config("objective=kto")
   with pytest.raises(ValueError, match="bad argument"):
     ft.get_config("size=9b")
+  with pytest.raises(ValueError, match="model='gemma9'; use one of gemma2-2b, gemma3-1b"):
+    ft.get_config("model=gemma9")
+  assert ft.get_config("objective=orpo").num_epochs == 3.0 and ft.get_config("objective=sft").data.packing
 
 
 def test_script_reports_config_mistakes_in_one_line(tmp_path):

@@ -13,7 +13,8 @@ import random
 import pytest
 
 from gemma_jax.errors import UserError
-from gemma_jax.templates import (ChatTemplate, HF_CHAT_TEMPLATES, get_template, template_for_family)
+from gemma_jax.templates import (ChatTemplate, HF_CHAT_TEMPLATES, get_template, render_prompts,
+                                 template_for_family)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "templates")
 CONTROL_TEXT = ("<bos>", "<eos>", "<pad>")  # control-token names written as text inside content
@@ -235,6 +236,19 @@ def test_completion_template(tiny_tokenizer):
     t.render_prompt([s("x"), u("y")], tok)
   with pytest.raises(UserError, match="no turns"):
     t.render_next_turn(u("x"), tok)
+
+
+def test_render_prompts_for_sampling(tiny_tokenizer):
+  tok, t = tiny_tokenizer, get_template("gemma3")
+  assert render_prompts(None, ["hello world", "東京"], tok) == [tok.encode(p, add_bos=True)
+                                                               for p in ("hello world", "東京")]
+  (row,) = render_prompts(t, ["hello world"], tok, system="one two")
+  assert row == t.render_prompt([s("one two"), u("hello world")], tok)
+  # Gemma 3 folds the system message into the first user turn, then opens the model's turn
+  assert tok.decode(row[1:]).endswith("one two\n\nhello world<end_of_turn>\n<start_of_turn>model\n")
+  assert render_prompts(t, ["x"], tok, system="") == [t.render_prompt([u("x")], tok)]
+  with pytest.raises(UserError, match="no system role"):
+    render_prompts(get_template("gemma"), ["x"], tok, system="be brief")
 
 
 def test_serialization_and_lookup():

@@ -49,6 +49,13 @@ def default_stop_ids(tokenizer: Tokenizer, extra: Iterable[int] = ()) -> tuple[i
   return tuple(ids)
 
 
+def stop_ids_for(template, tokenizer: Tokenizer, extra: Iterable[int] = ()) -> tuple[int, ...]:
+  """The ids that end a reply: the chat template's (end_of_turn, eos), or eos and end_of_turn for plain
+  completion (`template` None), then `extra` (user ids), each once, in that order."""
+  ids = default_stop_ids(tokenizer) if template is None else tuple(template.stop_token_ids(tokenizer))
+  return tuple(dict.fromkeys((*ids, *(int(i) for i in extra))))
+
+
 def parse_stop_tokens(spec: Sequence[str], tokenizer: Tokenizer) -> tuple[int, ...]:
   """User stop tokens given as ids ('107') or pieces ('<end_of_turn>') -> ids."""
   ids = []
