@@ -13,6 +13,7 @@ import random
 import pytest
 
 from gemma_jax.errors import UserError
+from gemma_jax.convert.gguf import read_gguf_tokenizer
 from gemma_jax.templates import (ChatTemplate, HF_CHAT_TEMPLATES, get_template, render_prompts,
                                  template_for_family)
 
@@ -45,18 +46,8 @@ def s(text):
 
 @pytest.fixture(scope="session")
 def real_tokenizer(real_gguf_path):
-  """The real Gemma 3 vocabulary: from our converted 270M checkpoint, else rebuilt from its GGUF."""
-  from gemma_jax.tokenizer import Tokenizer
-  try:
-    from gemma_jax.real_model import real_model_path
-    return Tokenizer(os.path.join(real_model_path(), "tokenizer.model"))
-  except Exception:  # the cached conversion is not available here: read the GGUF's vocabulary directly
-    pass
-  try:
-    from gemma_jax.convert.gguf import read_gguf
-  except ImportError as e:
-    pytest.skip(f"no way to load the real tokenizer: {e}")
-  return read_gguf(real_gguf_path, progress=False).tokenizer
+  """The real Gemma 3 vocabulary, read from the 270M GGUF (no tensor dequantized)."""
+  return read_gguf_tokenizer(real_gguf_path)
 
 
 # -- parity with HF's templates ----------------------------------------------------------------------------
