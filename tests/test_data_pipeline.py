@@ -337,7 +337,7 @@ def test_preference_batch_exact():
   # TRL's NLL: every real token of the chosen rows but the first; nothing on rejected rows.
   np.testing.assert_array_equal(b["nll_mask"].astype(int), [[0, 1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0, 0],
                                                             [0] * 8, [0] * 8])
-  resp = make_preference_batch([p1, p2], 8, nll="response")
+  resp = make_preference_batch([p1, p2], 8, nll_target="response")
   np.testing.assert_array_equal(resp["nll_mask"][:2], b["target_mask"][:2])
   assert not resp["nll_mask"][2:].any()
   assert b["tokens"].dtype == np.int32 and b["input_mask"].dtype == bool and not b["target_mask"][:, 0].any()

@@ -218,3 +218,22 @@ def test_sft_against_numpy_and_packing():
   g2 = jax.jit(jax.grad(lambda p: sft_loss(p, packed, model=model)[0]))(params)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["orpo", "sft", "dpo", "simpo"])
+def test_the_objectives_table_names_each_loss_and_its_metrics(name):
+  """objectives.OBJECTIVES: the loss the loop builds for `name` returns exactly the table's metric names."""
+  from gemma_jax.training import objectives
+  from gemma_jax.training.run_config import OBJECTIVES, default_config
+  assert OBJECTIVES == tuple(objectives.OBJECTIVES) == ("orpo", "sft", "dpo", "simpo")
+  config, params, model = _setup()
+  c = default_config()
+  c.objective = name
+  objective = objectives.get(name)
+  assert objective.rows_per_example == (1 if name == "sft" else 2)
+  loss_fn = objectives.make_loss_fn(c, model, config)
+  aux = params if objective.needs_reference else None
+  loss, metrics = jax.eval_shape(loss_fn, params, preference_batch(config.vocab_size), aux)
+  assert loss.shape == () and sorted(metrics) == sorted(objective.metrics)
+  with pytest.raises(ConfigError, match=r"objective='kto': use one of orpo, sft, dpo, simpo"):
+    objectives.get("kto")

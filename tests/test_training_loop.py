@@ -8,13 +8,15 @@ import os
 import struct
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from training_helpers import make_workspace, read_metrics, run_config
 from gemma_jax import checkpoint
 from gemma_jax.errors import ConfigError
-from gemma_jax.training import checkpointing, optim, state as state_lib
+from gemma_jax.training import checkpointing, optim, state as state_lib, step as step_lib
 from gemma_jax.training.loop import TrainingStopped, train
 
 
@@ -37,6 +39,48 @@ def read_events(workdir):
       for v in ev.summary.value:
         if v.HasField("simple_value"):
           out.setdefault(v.tag, {})[ev.step] = v.simple_value
+  return out
+
+
+REAL_JIT_TRAIN_STEP = step_lib.jit_train_step
+
+
+def inject_nonfinite(monkeypatch, steps: set[int]) -> None:
+  """Makes the loss (so the gradients) of the 1-based training `steps` NaN: the loop's jitted train step
+  multiplies the loss by a factor passed beside its aux (NaN on those steps, 1.0 otherwise)."""
+  real = REAL_JIT_TRAIN_STEP
+
+  def jit_train_step(*, loss_fn, mesh, aux_shardings=None, **kw):
+    def poisoned(params, batch, aux):
+      inner, factor = aux
+      loss, metrics = loss_fn(params, batch, inner)
+      return loss * factor, metrics
+
+    jitted = real(loss_fn=poisoned, mesh=mesh, aux_shardings=(aux_shardings, NamedSharding(mesh, P())), **kw)
+
+    def train_step(state, batch, aux):
+      factor = np.float32(np.nan if int(jax.device_get(state.step)) + 1 in steps else 1.0)
+      return jitted(state, batch, (aux, factor))
+    return train_step
+
+  monkeypatch.setattr(step_lib, "jit_train_step", jit_train_step)
+
+
+def greedy_decode(model_config, params, prompt: list[int], stop_ids, max_new: int) -> list[int]:
+  """Greedy tokens after `prompt` from full forward passes (no KV cache), cut before the first stop id."""
+  from gemma_jax.model.transformer import Transformer
+  model = Transformer(model_config)
+  apply = jax.jit(lambda p, t: model.apply({"params": p}, t)[0][0, -1])
+  seq, out = list(prompt), []
+  for _ in range(max_new):
+    logits = np.asarray(apply(params, jnp.asarray([seq], jnp.int32)))
+    top2 = np.sort(logits)[-2:]
+    assert top2[1] - top2[0] > 1e-4  # no near-tie: the cached decode must pick the same token
+    nxt = int(np.argmax(logits))
+    if nxt in stop_ids:
+      break
+    out.append(nxt)
+    seq.append(nxt)
   return out
 
 
@@ -91,10 +135,12 @@ def test_train_end_to_end(ws, tmp_path):
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(final.params)))
 
   # Sampleable as saved, with its own template.
-  from gemma_jax.sampling import Sampler
+  from gemma_jax.sampling import Sampler, default_stop_ids
   prompt = final.chat_template().render_prompt([{"role": "user", "content": "hello"}], final.tokenizer)
   (out,) = Sampler(final.config, final.params, final.tokenizer).generate([prompt], max_new_tokens=3)
-  assert len(out.tokens) <= 3
+  want = greedy_decode(final.config, final.params, prompt, default_stop_ids(final.tokenizer), 3)
+  assert out.tokens == want
+  assert out.stop_reason == ("length" if len(want) == 3 else "stop_id")
 
   best = checkpoint.load(os.path.join(workdir, "best"))
   best_step = min(eval_rows, key=lambda r: r["eval/loss"])["step"]
@@ -108,9 +154,10 @@ def test_train_end_to_end(ws, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops(ws, tmp_path):
+def test_nonfinite_steps_are_skipped_then_the_run_stops(ws, tmp_path, monkeypatch):
   workdir = str(tmp_path / "nan")
-  cfg = run_config(ws, num_steps=8, inject_nonfinite="3,4,5", max_nonfinite=3, **{"data.eval": ""})
+  inject_nonfinite(monkeypatch, {3, 4, 5})
+  cfg = run_config(ws, num_steps=8, max_nonfinite=3, **{"data.eval": ""})
   with pytest.raises(TrainingStopped, match=r"stopped at step 5: 3 steps in a row had a non-finite"):
     train(cfg, workdir)
   rows = {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
@@ -129,7 +176,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(ws, tmp_path):
 
   # One non-finite step in a run that tolerates it: counted, skipped, the run finishes.
   workdir = str(tmp_path / "nan1")
-  cfg = run_config(ws, num_steps=4, inject_nonfinite="2", max_nonfinite=2, **{"data.eval": ""})
+  inject_nonfinite(monkeypatch, {2})
+  cfg = run_config(ws, num_steps=4, max_nonfinite=2, **{"data.eval": ""})
   assert train(cfg, workdir).step == 4
   rows = {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
   assert rows[2]["nonfinite"] == 1 and rows[2]["loss"] == "nan" and rows[3]["nonfinite"] == 0
@@ -222,9 +270,10 @@ def test_dropped_examples_are_counted_and_too_many_refused(ws, tmp_path, capsys)
   assert "data: 12 training pairs from 24 records (12 too long for max_length=96); 8 held-out" in capsys.readouterr().out
 
 
-def test_a_mostly_skipped_run_fails_and_writes_no_final_model(ws, tmp_path):
+def test_a_mostly_skipped_run_fails_and_writes_no_final_model(ws, tmp_path, monkeypatch):
   workdir = str(tmp_path / "skip")
-  cfg = run_config(ws, num_steps=4, inject_nonfinite="1,2,3", max_nonfinite=10, **{"data.eval": ""})
+  inject_nonfinite(monkeypatch, {1, 2, 3})
+  cfg = run_config(ws, num_steps=4, max_nonfinite=10, **{"data.eval": ""})
   with pytest.raises(TrainingStopped, match=r"3 of 4 steps were skipped .* no final/ model was written"):
     train(cfg, workdir)
   assert not os.path.exists(os.path.join(workdir, "final"))
@@ -232,7 +281,8 @@ def test_a_mostly_skipped_run_fails_and_writes_no_final_model(ws, tmp_path):
   assert summary == {"step": 4, "run/steps": 4, "run/skipped_steps": 3}
   # Fewer than max_skipped_fraction: the model is written, and says how many steps it skipped.
   workdir = str(tmp_path / "ok")
-  result = train(run_config(ws, num_steps=4, inject_nonfinite="2", **{"data.eval": ""}), workdir)
+  inject_nonfinite(monkeypatch, {2})
+  result = train(run_config(ws, num_steps=4, **{"data.eval": ""}), workdir)
   assert result.skipped_steps == 1
   trained = checkpoint.read_metadata(os.path.join(workdir, "final"))["provenance"]["trained"]
   assert trained["skipped_steps"] == 1 and trained["steps"] == 4

@@ -6,7 +6,8 @@ A batch is a dict of numpy arrays with R rows of T tokens (T a length bucket):
   target_mask  [R, T] bool    token t is a target, predicted from the logits at t - 1 (so [:, 0] is False)
 Preference batches (R = 2B: the B chosen rows, then the B rejected rows of the same pairs) add
   nll_mask     [R, T] bool    tokens of the ORPO NLL term: chosen rows only; by default (TRL) every real
-                              token but the first (BOS), i.e. `input_mask` shifted; `nll="response"`: targets
+                              token but the first (BOS), i.e. `input_mask` shifted;
+                              `nll_target="response"`: the chosen rows' targets
 Packed SFT batches add
   segment_ids  [R, T] int32   1, 2, ... per packed sequence, 0 for padding
   positions    [R, T] int32   restarting at 0 for each packed sequence (0 on padding)
@@ -23,6 +24,9 @@ from gemma_jax.errors import ConfigError
 # One row is one or more (ids [n] int32, target [n] bool, nll [n] bool) segments laid end to end.
 Segment = tuple[np.ndarray, np.ndarray, np.ndarray]
 Row = list[Segment]
+# The ORPO NLL term's tokens: "sequence" (prompt + response, TRL) or "response" (the config's loss.nll_target).
+NllTarget = Literal["sequence", "response"]
+NLL_TARGETS = ("sequence", "response")
 
 
 def length_buckets(max_length: int, *, min_length: int = 64) -> tuple[int, ...]:
@@ -45,12 +49,13 @@ def row_length(row: Row) -> int:
   return sum(len(s[0]) for s in row)
 
 
-def pad_rows(rows: Sequence[Row], length: int, *, nll: bool = False, packed: bool = False) -> dict[str, np.ndarray]:
-  """Right-pads `rows` to `length` tokens; see the module docstring for the arrays."""
+def pad_rows(rows: Sequence[Row], length: int, *, nll_mask: bool = False,
+             packed: bool = False) -> dict[str, np.ndarray]:
+  """Right-pads `rows` to `length` tokens (nll_mask: add the rows' `nll_mask`); see the module docstring."""
   r = len(rows)
   batch = {"tokens": np.zeros((r, length), np.int32), "input_mask": np.zeros((r, length), bool),
            "target_mask": np.zeros((r, length), bool)}
-  if nll:
+  if nll_mask:
     batch["nll_mask"] = np.zeros((r, length), bool)
   if packed:
     batch["segment_ids"] = np.zeros((r, length), np.int32)
@@ -64,23 +69,23 @@ def pad_rows(rows: Sequence[Row], length: int, *, nll: bool = False, packed: boo
       batch["tokens"][i, t:t + n] = ids
       batch["input_mask"][i, t:t + n] = True
       batch["target_mask"][i, t:t + n] = target
-      if nll:
+      if nll_mask:
         batch["nll_mask"][i, t:t + n] = nll_m
       if packed:
         batch["segment_ids"][i, t:t + n] = k
         batch["positions"][i, t:t + n] = np.arange(n)
       # No sequence's first token is a target: nothing is predicted across a segment boundary.
       batch["target_mask"][i, t] = False
-      if nll:
+      if nll_mask:
         batch["nll_mask"][i, t] = False
       t += n
   return batch
 
 
-def preference_rows(pairs: Sequence, nll: Literal["all", "response"] = "all") -> list[Row]:
+def preference_rows(pairs: Sequence, nll_target: NllTarget = "sequence") -> list[Row]:
   """The 2B rows of B `TokenizedPair`s (None = an empty pair): chosen rows, then rejected rows."""
-  if nll not in ("all", "response"):
-    raise ConfigError(f"nll={nll!r}: use 'all' (TRL: prompt + response) or 'response'")
+  if nll_target not in NLL_TARGETS:
+    raise ConfigError(f"nll_target={nll_target!r}: use 'sequence' (TRL: prompt + response) or 'response'")
   chosen, rejected = [], []
   for p in pairs:
     if p is None:
@@ -90,7 +95,7 @@ def preference_rows(pairs: Sequence, nll: Literal["all", "response"] = "all") ->
     no_prompt_target = np.zeros(len(p.prompt), bool)
     c_ids = np.concatenate([p.prompt, p.chosen])
     c_target = np.concatenate([no_prompt_target, p.chosen_target])
-    c_nll = np.ones(len(c_ids), bool) if nll == "all" else c_target
+    c_nll = np.ones(len(c_ids), bool) if nll_target == "sequence" else c_target
     chosen.append([(c_ids, c_target, c_nll)])
     r_ids = np.concatenate([p.prompt, p.rejected])
     r_target = np.concatenate([no_prompt_target, p.rejected_target])
@@ -103,9 +108,9 @@ def sequence_rows(seqs: Sequence) -> list[Row]:
   return [[] if s is None else [(s.ids, s.target, np.zeros(len(s.ids), bool))] for s in seqs]
 
 
-def make_preference_batch(pairs: Sequence, length: int, nll: Literal["all", "response"] = "all") -> dict:
+def make_preference_batch(pairs: Sequence, length: int, nll_target: NllTarget = "sequence") -> dict:
   """A [2B, length] preference batch of `TokenizedPair`s."""
-  return pad_rows(preference_rows(pairs, nll), length, nll=True)
+  return pad_rows(preference_rows(pairs, nll_target), length, nll_mask=True)
 
 
 def make_sft_batch(seqs: Sequence, length: int) -> dict:

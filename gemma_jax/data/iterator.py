@@ -21,11 +21,11 @@ slices in process order gives the global batch (for preference data: all chosen 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from gemma_jax.data.batching import (bucket_for, length_buckets, pack_next_row, pad_rows, preference_rows,
+from gemma_jax.data.batching import (NllTarget, bucket_for, length_buckets, pack_next_row, pad_rows, preference_rows,
                                      row_length, sequence_rows)
 from gemma_jax.errors import ConfigError, DataError
 
@@ -53,7 +53,7 @@ class DataIterator:
 
   def __init__(self, data, *, batch_size: int, max_length: int | None = None, seed: int = 0,
                shuffle: bool = True, num_epochs: int | None = None, buckets: Sequence[int] | None = None,
-               packing: bool = False, nll: Literal["all", "response"] = "all", drop_remainder: bool = True,
+               packing: bool = False, nll_target: NllTarget = "sequence", drop_remainder: bool = True,
                process_index: int = 0, process_count: int = 1, state: dict | None = None):
     self.kind = data.kind
     self.examples = list(data.examples)
@@ -63,7 +63,7 @@ class DataIterator:
     self.batch_size = int(batch_size)
     self.seed, self.shuffle, self.num_epochs = int(seed), bool(shuffle), num_epochs
     self.buckets = tuple(buckets) if buckets else length_buckets(self.max_length)
-    self.packing, self.nll, self.drop_remainder = bool(packing), nll, bool(drop_remainder)
+    self.packing, self.nll_target, self.drop_remainder = bool(packing), nll_target, bool(drop_remainder)
     self.process_index, self.process_count = int(process_index), int(process_count)
     if self.packing and self.kind != "sft":
       raise ConfigError("packing is for SFT data; preference batches pair chosen and rejected rows")
@@ -158,7 +158,7 @@ class DataIterator:
     self.batches += 1
     ex = self.examples
     if self.kind == "preference":
-      rows = preference_rows([ex[g[0]] if g else None for g in groups], self.nll)
+      rows = preference_rows([ex[g[0]] if g else None for g in groups], self.nll_target)
     elif self.packing:
       rows = [sum((sequence_rows([ex[i]]) [0] for i in g), []) for g in groups]
     else:
@@ -166,7 +166,7 @@ class DataIterator:
     length = bucket_for(max(row_length(r) for r in rows), self.buckets)
     per_host = len(rows) // self.process_count
     local = rows[self.process_index * per_host:(self.process_index + 1) * per_host]
-    return pad_rows(local, length, nll=self.kind == "preference", packed=self.packing)
+    return pad_rows(local, length, nll_mask=self.kind == "preference", packed=self.packing)
 
 
 def _length(ex) -> int:

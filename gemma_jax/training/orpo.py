@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, DEFAULT_SAVED_BYTES, masked_sums, model_logprobs,
                                          reward_metrics, split_pairs)
+from gemma_jax.training.preference_metrics import trl_logit_mask
 
 LN2 = 0.6931471805599453
 MAX_AVG_LOGP = -1e-7  # a = 0 exactly would make log1mexp(a) = -inf; TRL 1.16 does not clamp (it returns inf/NaN)
@@ -33,19 +34,6 @@ def odds_ratio(chosen_logps: jax.Array, rejected_logps: jax.Array) -> jax.Array:
   a_w = jnp.minimum(chosen_logps.astype(jnp.float32), MAX_AVG_LOGP)
   a_l = jnp.minimum(rejected_logps.astype(jnp.float32), MAX_AVG_LOGP)
   return (a_w - a_l) - (log1mexp(a_w) - log1mexp(a_l))
-
-
-def trl_logit_mask(input_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """TRL's logits/* positions: every position t < T' - 1 of every row, T' = the longest row of the batch.
-
-  TRL pads the concatenated batch to its longest row T' and averages `logits[:, :-1, :]` ([B, T' - 1, V]),
-  padding positions included. Returns (mask [R, T] bool, T' - 1 as f32), so the metric is the same whatever
-  length our batches are padded to.
-  """
-  r, t = input_mask.shape
-  longest = jnp.max(jnp.sum(input_mask.astype(jnp.int32), axis=1))
-  mask = jnp.broadcast_to(jnp.arange(t)[None, :] < longest - 1, (r, t))
-  return mask, (longest - 1).astype(jnp.float32)
 
 
 def orpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: float = 0.1,

@@ -1,7 +1,8 @@
 """The run config: every field `train(config, workdir)` reads, with its default and meaning.
 
 Recipes in `configs/` start from `default_config()` and change what they need; any field can be overridden
-from the command line: `python -m train.train --config=configs/orpo.py:gemma2_2b --config.optim.lr=1e-6`.
+from the command line: `python -m train.train --config=configs/finetune.py:objective=orpo,model=gemma2-2b
+--config.optim.lr=1e-6`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
+from gemma_jax.data.batching import NLL_TARGETS
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import DTYPES, REMAT, TransformerConfig
+from gemma_jax.training import objectives
 from gemma_jax.training.optim import SCHEDULES
 
-OBJECTIVES = ("orpo", "sft", "dpo", "simpo")
+OBJECTIVES = objectives.NAMES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -35,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"  # the master weights (and the optimizer moments)
   c.remat = "none"  # "block": recompute each block in the backward pass; "dots": keep matmul outputs only
 
-  c.objective = "orpo"  # one of OBJECTIVES
+  c.objective = "orpo"  # one of OBJECTIVES (the table in objectives.py)
   c.loss = ml_collections.ConfigDict()
   c.loss.orpo_lambda = 0.1  # ORPO: weight of the odds-ratio term (TRL's `beta`)
   c.loss.nll_target = "sequence"  # ORPO NLL over the chosen row: "sequence" (prompt + response, TRL) or "response"
@@ -105,7 +108,6 @@ def default_config() -> ml_collections.ConfigDict:
   # A run in which more than this fraction of the steps was skipped (non-finite) ends with an error and no
   # final/ model; the run checkpoints stay.
   c.max_skipped_fraction = 0.5
-  c.inject_nonfinite = ""  # testing only: comma-separated steps whose loss is made NaN ("" = none)
   return c
 
 
@@ -161,7 +163,6 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
 # Validation: the whole run config, before any work
 
 
-NLL_TARGETS = ("sequence", "response")
 MAX_SEED = 2**31 - 1
 
 
@@ -215,7 +216,8 @@ def validate_run_config(c: ml_collections.ConfigDict) -> None:
   for f in ("data.shuffle", "data.packing", "data.skip_invalid", "checkpoint.async_save", "checkpoint.keep_best",
             "checkpoint.verify", "progress"):
     need(isinstance(_get(c, f), bool), f, "must be true or false")
-  need(not c.data.packing or c.objective == "sft", "data.packing", "is for the sft objective only")
+  need(not c.data.packing or objectives.get(c.objective).data_kind == "sft", "data.packing",
+       "is for the sft objective only")
 
   integer("batch_size", 1)
   integer("grad_accum", 1)
@@ -246,7 +248,6 @@ def validate_run_config(c: ml_collections.ConfigDict) -> None:
   integer("log_every", 1)
   integer("max_nonfinite", 1)
   number("max_skipped_fraction", 0.0, 1.0)
-  need(isinstance(c.inject_nonfinite, str), "inject_nonfinite", "must be a string of step numbers")
 
 
 def _get(c, field: str):

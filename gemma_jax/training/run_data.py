@@ -18,6 +18,7 @@ from gemma_jax import data as data_lib
 from gemma_jax.errors import ConfigError, DataError
 from gemma_jax.templates import ChatTemplate
 from gemma_jax.tokenizer import Tokenizer
+from gemma_jax.training import objectives
 
 
 @dataclasses.dataclass
@@ -125,7 +126,7 @@ def build(config: ml_collections.ConfigDict, tokenizer: Tokenizer, template: Cha
   if not config.data.train:
     raise ConfigError("data.train is empty: set --config.data.train=FILE (JSONL, JSON or Parquet; "
                       "check it with `python -m gemma_jax.data.inspect FILE`)")
-  kind = "sft" if config.objective == "sft" else "preference"
+  kind = objectives.get(config.objective).data_kind
   policy = data_lib.LengthPolicy(max_length=int(config.data.max_length))
   opts = dict(skip_invalid=bool(config.data.skip_invalid), max_dropped=float(config.data.max_dropped_fraction))
   train = _prepare(config.data.train, kind, template, tokenizer, policy, **opts)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from gemma_jax.training.logprobs import (DEFAULT_CHUNK_BYTES, DEFAULT_SAVED_BYTES, masked_sums, model_logprobs,
                                          reward_metrics, split_pairs)
-from gemma_jax.training.orpo import trl_logit_mask
+from gemma_jax.training.preference_metrics import trl_logit_mask
 
 
 def simpo_losses(chosen_avg_logps, rejected_avg_logps, beta: float, gamma: float,

@@ -13,6 +13,7 @@ data still advance) and counts itself in `nonfinite_run` / `nonfinite_total`; th
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -20,10 +21,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gemma_jax.model.sharding import DEFAULT_RULES
 from gemma_jax.training.state import TrainState
 
 LossFn = Callable[[Any, dict[str, jax.Array], Any], tuple[jax.Array, dict[str, jax.Array]]]
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = dict(DEFAULT_RULES)["batch"]  # the mesh axes of the "batch" logical axis: rows over data x fsdp
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -33,7 +35,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def row_shards(mesh: Mesh) -> int:
   """How many ways the row axis is split: R must be a multiple of this."""
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def constrain_rows(mb: dict[str, jax.Array], mesh: Mesh | None) -> dict[str, jax.Array]:

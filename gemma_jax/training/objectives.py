@@ -1,0 +1,74 @@
+"""The objectives table: one row per `config.objective`, everything the loop and the config checks need.
+
+    name    loss         data        reference model   hyper-parameters (config.loss)
+    orpo    orpo_loss    preference  no                orpo_lambda (as beta), nll_target
+    sft     sft_loss     sft         no                -
+    dpo     dpo_loss     preference  yes (frozen)      beta, label_smoothing
+    simpo   simpo_loss   preference  no                beta, gamma, label_smoothing
+
+Preference data has R = 2B rows per batch of B pairs (chosen, then rejected); SFT data R = B rows. A loss
+that needs a reference model reads the frozen starting parameters as the step's `aux`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import ml_collections
+
+from gemma_jax.errors import ConfigError
+from gemma_jax.training.dpo import dpo_loss
+from gemma_jax.training.orpo import orpo_loss
+from gemma_jax.training.sft import sft_loss
+from gemma_jax.training.simpo import simpo_loss
+
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "logits/chosen", "logits/rejected")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  name: str
+  loss: Callable[..., tuple[Any, dict[str, Any]]]  # (params, batch, *, model, config, ...) -> (loss, metrics)
+  data_kind: str  # "preference" or "sft"
+  needs_reference: bool  # the loss reads frozen reference params (`reference_params=aux`)
+  hyper: Callable[[ml_collections.ConfigDict], dict[str, Any]]  # its keyword arguments from config.loss
+  metrics: tuple[str, ...]  # the metric names the loss returns (besides the loss)
+
+  @property
+  def rows_per_example(self) -> int:
+    """Batch rows per example: 2 for a preference pair (chosen, rejected), 1 for an SFT sequence."""
+    return 2 if self.data_kind == "preference" else 1
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective("orpo", orpo_loss, "preference", False,
+              lambda c: {"beta": c.orpo_lambda, "nll_target": c.nll_target},
+              REWARDS + ("nll_loss", "log_odds_ratio", "log_odds_chosen")),
+    Objective("sft", sft_loss, "sft", False, lambda c: {}, ("nll_loss", "target_tokens")),
+    Objective("dpo", dpo_loss, "preference", True,
+              lambda c: {"beta": c.beta, "label_smoothing": c.label_smoothing}, REWARDS),
+    Objective("simpo", simpo_loss, "preference", False,
+              lambda c: {"beta": c.beta, "gamma": c.gamma, "label_smoothing": c.label_smoothing}, REWARDS),
+)}
+NAMES = tuple(OBJECTIVES)
+
+
+def get(name: str) -> Objective:
+  """The table row of `name` (ConfigError naming the choices otherwise)."""
+  if name not in OBJECTIVES:
+    raise ConfigError(f"objective={name!r}: use one of {', '.join(OBJECTIVES)}")
+  return OBJECTIVES[name]
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, model, model_config):
+  """`loss_fn(params, batch, aux) -> (loss, metrics)` for the configured objective (aux: reference params)."""
+  objective = get(config.objective)
+  c = config.loss
+  kwargs = {"model": model, "config": model_config, **objective.hyper(c), "chunk_size": c.chunk_size or None,
+            "max_saved_bytes": c.saved_logits_mib << 20}
+  loss = objective.loss
+  if objective.needs_reference:
+    return lambda p, b, aux: loss(p, b, reference_params=aux, **kwargs)
+  return lambda p, b, aux: loss(p, b, **kwargs)
