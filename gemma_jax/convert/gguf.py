@@ -5,11 +5,12 @@
 Tensors are read one at a time through the `gguf` package (memory-mapped) and dequantized to f32 (Q4_K, Q5_K,
 Q6_K, Q8_0, Q5_0, F16, BF16, F32, ...: every type `gguf.quants` knows), then cast to `dtype`. GGUF lists
 dimensions innermost first, so a tensor shown as [640, 1024] is the [1024, 640] (HF `[out, in]`) matrix that
-numpy sees; the HF-style matrices are then rearranged into the official Flax einsum shapes (GEMMA.md 3-4).
-llama.cpp stores RMSNorm weights as `1 + scale`; we store the zero-centred `scale`.
+numpy sees; the HF-style matrices are then rearranged into the official Flax einsum shapes (docs/WEIGHTS.md
+sections 1, 4, 5). llama.cpp stores RMSNorm weights as `1 + scale`; we store the zero-centred `scale`.
 
 The tokenizer is rebuilt from `tokenizer.ggml.{tokens,scores,token_type}` as the released SentencePiece model
-(GEMMA.md 5): BPE with byte fallback, identity normalizer, no dummy prefix, whitespace kept and escaped as `▁`.
+(docs/WEIGHTS.md section 6): BPE with byte fallback, identity normalizer, no dummy prefix, whitespace kept and
+escaped as `▁`.
 Two differences of llama.cpp's export are undone: user-defined pieces had `▁` turned back into spaces, and
 `<start_of_turn>`/`<end_of_turn>` (and `<unk>`) were marked CONTROL; the released model has them USER_DEFINED
 (so they encode from text to single ids) and UNKNOWN.

@@ -1,4 +1,4 @@
-"""HF transformers checkpoint directories (Gemma / Gemma2 / Gemma3 text, and the language model of multimodal Gemma 3).
+"""HF transformers checkpoint directories (Gemma, Gemma2, Gemma3 text; the language model of multimodal Gemma 3).
 
     read_hf(dir) -> Imported        config.json + safetensors (single, or sharded with an index), tokenizer.model,
                                     chat template; tensor by tensor (lazy), never unpickling anything

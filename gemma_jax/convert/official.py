@@ -3,7 +3,7 @@
     read_official("gemma2-2b-it/")  -> Imported(config, params, tokenizer, kind, source)
     write_official(path, config, params)
 
-Two layouts are read (GEMMA.md 3):
+Two layouts are read (docs/WEIGHTS.md 3):
   flat (as released):  {"transformer/layer_0/attn/q_einsum": {"w": [N, D, H]}, ...,
                         "transformer/layer_0/mlp/gating_einsum": {"w": [2, F, D] or [2, D, F]}}
   nested (Flax module tree): {"transformer": {"layer_0": {"attn": {...}, "mlp": {"gating_einsum": ...}}}}
