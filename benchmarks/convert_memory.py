@@ -37,7 +37,8 @@ def write_synthetic_hf(path: str, preset: str, dtype: str, shard_bytes: int = 2 
   import ml_dtypes
   import numpy as np
   sys.path.insert(0, ROOT)
-  from gemma_jax.convert.hf import config_to_hf, hf_shapes, hf_vocab_rows
+  from gemma_jax.convert.hf_config import config_to_hf, hf_vocab_rows
+  from gemma_jax.convert.hf_names import hf_shapes
   from gemma_jax.model.config import TransformerConfig
   config = TransformerConfig.from_preset(preset)
   rows = hf_vocab_rows(config)

@@ -25,8 +25,6 @@ import dataclasses
 import datetime
 import json
 import os
-import re
-import secrets
 import shutil
 from typing import Any, Literal
 
@@ -35,20 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax import integrity
+from gemma_jax.atomic import STALE, fsync_write, move_into_place, random_suffix, temp_path
+from gemma_jax.checkpoint_format import (COMPLETE_FILE, FORMAT, FORMAT_VERSION, KINDS, METADATA_FILE, PARAMS_DIR,
+                                         REDO, TOKENIZER_FILE, check_metadata, config_from, damaged, looks_native,
+                                         ours_but_damaged, parse_metadata, version)
+from gemma_jax.convert.detect import convert_command, detect_format, format_name
 from gemma_jax.errors import CheckpointError, UserError
-from gemma_jax.model.config import TransformerConfig
-from gemma_jax.model.params import compare_to_config, flatten
+from gemma_jax.model.config import DTYPES, TransformerConfig
+from gemma_jax.model.params import compare_to_config, flatten, param_shapes, param_shardings
 from gemma_jax.model.sharding import ShardingContext
 from gemma_jax.paths import inside
 from gemma_jax.tokenizer import Tokenizer
 
-FORMAT = "gemma_jax"
-FORMAT_VERSION = 1
-METADATA_FILE = "metadata.json"
-PARAMS_DIR = "params"
-TOKENIZER_FILE = "tokenizer.model"
-COMPLETE_FILE = "COMPLETE"
-KINDS = ("pt", "it")
 # zstd in orbax costs a second staging buffer per array and ~3x the save time for little gain on weights.
 COMPRESS = False
 
@@ -127,11 +123,6 @@ def check_params(config: TransformerConfig, params: Params, where: str = "params
     raise CheckpointError(f"{where}: tensor {name!r} has shape {got} but the config implies {want}")
 
 
-def _version() -> str:
-  import gemma_jax
-  return gemma_jax.__version__
-
-
 def _is_primary() -> bool:
   return jax.process_index() == 0
 
@@ -142,46 +133,11 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _random_suffix() -> str:
-  """Random, and the same on every process (all of them write shards into one temporary directory)."""
-  token = secrets.randbits(31)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    token = int(multihost_utils.broadcast_one_to_all(np.int32(token)))
-  return f"{token:08x}"
-
-
-def _fsync_write(path: str, data: bytes) -> None:
-  with open(path, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def is_checkpoint(path: str | os.PathLike) -> bool:
   """True for a complete gemma_jax checkpoint directory."""
   path = os.fspath(path)
   return (os.path.isfile(os.path.join(path, METADATA_FILE))
           and os.path.isfile(os.path.join(path, COMPLETE_FILE)))
-
-
-def _looks_native(path: str) -> bool:
-  try:
-    with open(os.path.join(path, METADATA_FILE)) as f:
-      return json.load(f).get("format") == FORMAT
-  except (OSError, ValueError, AttributeError, RecursionError):
-    return False
-
-
-def _ours_but_damaged(path: str) -> bool:
-  """A directory with a metadata.json that does not parse but is otherwise one of ours (or says so)."""
-  if os.path.isfile(os.path.join(path, COMPLETE_FILE)) or os.path.isdir(os.path.join(path, PARAMS_DIR)):
-    return True
-  try:
-    with open(os.path.join(path, METADATA_FILE), "rb") as f:
-      return f'"{FORMAT}"'.encode() in f.read(1 << 16)
-  except OSError:
-    return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,7 +166,7 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
     raise CheckpointError(f"template: expected ChatTemplate.to_dict() (a dict), got {type(template).__name__}")
   existed = os.path.lexists(path)
   if existed:
-    ours = _looks_native(path) or (os.path.isfile(os.path.join(path, METADATA_FILE)) and _ours_but_damaged(path))
+    ours = looks_native(path) or (os.path.isfile(os.path.join(path, METADATA_FILE)) and ours_but_damaged(path))
     if not os.path.isdir(path) or not ours:
       raise CheckpointError(f"{path} exists and is not a gemma_jax checkpoint; refusing to overwrite it "
                             "(choose another path or delete it)")
@@ -239,7 +195,7 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
       "checksum_algorithm": integrity.ALGORITHM,
       "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v), "checksum": sums[k]}
                   for k, v in sorted(flat.items())},
-      "provenance": {"gemma_jax_version": _version(),
+      "provenance": {"gemma_jax_version": version(),
                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      **(provenance or {})},
       "extra": extra or {},
@@ -250,7 +206,7 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
     raise CheckpointError(f"saving {path}: metadata is not JSON-serializable ({e})") from None
 
   parent = os.path.dirname(path)
-  tmp = f"{path}.tmp-{_random_suffix()}"
+  tmp = temp_path(path, random_suffix(shared=True))
   integrity.quiet_enter()  # orbax logs each failed write thread's traceback; we report the failure once
   try:
     if _is_primary():
@@ -264,12 +220,12 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
       ckptr.save(os.path.join(tmp, PARAMS_DIR, group), args=ocp.args.PyTreeSave(params[group]))
     if _is_primary():
       if tokenizer is not None:
-        _fsync_write(os.path.join(tmp, TOKENIZER_FILE), tokenizer.model_proto)
-      _fsync_write(os.path.join(tmp, METADATA_FILE), meta_bytes)
-      _fsync_write(os.path.join(tmp, COMPLETE_FILE), f"{FORMAT} checkpoint, written completely\n".encode())
+        fsync_write(os.path.join(tmp, TOKENIZER_FILE), tokenizer.model_proto)
+      fsync_write(os.path.join(tmp, METADATA_FILE), meta_bytes)
+      fsync_write(os.path.join(tmp, COMPLETE_FILE), f"{FORMAT} checkpoint, written completely\n".encode())
     _sync(f"gemma_jax_save_written:{tmp}")
     if _is_primary():
-      _move_into_place(tmp, path)
+      move_into_place(tmp, path)
     _sync(f"gemma_jax_save_done:{tmp}")
   except BaseException as e:  # KeyboardInterrupt too: leave nothing half-written behind
     if _is_primary():
@@ -286,31 +242,6 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
     integrity.quiet_exit()
 
 
-def _move_into_place(tmp: str, path: str) -> None:
-  """Renames `tmp` to `path`; an existing checkpoint at `path` is moved aside first, then deleted."""
-  old = None
-  if os.path.lexists(path):
-    old = f"{path}.old-{secrets.token_hex(4)}"
-    os.rename(path, old)
-  try:
-    os.rename(tmp, path)
-  except BaseException:
-    if old is not None:
-      os.rename(old, path)  # put the previous checkpoint back
-    raise
-  try:  # make the rename durable
-    fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-  except OSError:
-    pass
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-
-
-_STALE = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
 _OURS = {METADATA_FILE, PARAMS_DIR, TOKENIZER_FILE, COMPLETE_FILE}
 
 
@@ -330,7 +261,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
   except FileNotFoundError:
     return done
   for entry in names:
-    m = _STALE.match(entry)
+    m = STALE.match(entry)
     full = os.path.join(directory, entry)
     if not m or os.path.islink(full) or not os.path.isdir(full) or not set(os.listdir(full)) <= _OURS:
       continue
@@ -358,87 +289,26 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file or directory")
   md_path = os.path.join(path, METADATA_FILE)
-  if not _looks_native(path):
-    if os.path.isdir(path) and os.path.isfile(md_path) and _ours_but_damaged(path):
-      if "format" not in _parse_metadata(md_path):  # raises for a metadata.json that does not parse
-        raise _damaged(md_path, "no 'format' entry")
+  if not looks_native(path):
+    if os.path.isdir(path) and os.path.isfile(md_path) and ours_but_damaged(path):
+      if "format" not in parse_metadata(md_path):  # raises for a metadata.json that does not parse
+        raise damaged(md_path, "no 'format' entry")
     _raise_not_native(path)
   if not os.path.isfile(os.path.join(path, COMPLETE_FILE)):
     raise CheckpointError(f"{path}: incomplete gemma_jax checkpoint (no {COMPLETE_FILE} marker: its save was "
                           "interrupted); delete it and save or convert again")
-  metadata = _parse_metadata(md_path)
-  version = metadata.get("format_version")
-  if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-    raise _damaged(md_path, f"invalid format_version {version!r}, expected a positive integer")
-  if version > FORMAT_VERSION:
-    raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this gemma_jax "
-                          f"({_version()}, format {FORMAT_VERSION}) reads; upgrade gemma_jax")
-  _check_metadata(md_path, metadata)
+  metadata = parse_metadata(md_path)
+  found = metadata.get("format_version")
+  if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+    raise damaged(md_path, f"invalid format_version {found!r}, expected a positive integer")
+  if found > FORMAT_VERSION:
+    raise CheckpointError(f"{path}: checkpoint format version {found!r} is newer than this gemma_jax "
+                          f"({version()}, format {FORMAT_VERSION}) reads; upgrade gemma_jax")
+  check_metadata(md_path, metadata)
   return metadata
-
-
-REDO = "re-create it (convert or save it again from its source)"
-
-
-def _damaged(md_path: str, why: str) -> CheckpointError:
-  return CheckpointError(f"{md_path}: damaged metadata.json ({why}); {REDO}")
-
-
-def _parse_metadata(md_path: str) -> Any:
-  """The parsed metadata.json, or one line saying it is damaged (truncated, not JSON, absurdly nested)."""
-  try:
-    with open(md_path, "rb") as f:
-      metadata = json.loads(f.read().decode("utf-8"))
-  except OSError as e:
-    raise CheckpointError(f"{md_path}: cannot read it ({e.strerror})") from None
-  except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-    raise _damaged(md_path, "nested too deeply" if isinstance(e, RecursionError)
-                   else str(e).splitlines()[0][:200]) from None
-  if not isinstance(metadata, dict):
-    raise _damaged(md_path, f"expected a JSON object, got {type(metadata).__name__}")
-  return metadata
-
-
-_HEX16 = re.compile(r"^[0-9a-f]{16}$")
-
-
-def _check_metadata(md_path: str, md: dict[str, Any]) -> None:
-  def bad(field: str, value: Any, want: str) -> None:
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    raise _damaged(md_path, f"{field}={shown}: expected {want}")
-
-  if not isinstance(md.get("config"), dict):
-    bad("config", md.get("config"), "the model config (a JSON object)")
-  tensors = md.get("tensors")
-  if not isinstance(tensors, dict) or not tensors:
-    bad("tensors", tensors, "a JSON object of tensor name -> {shape, dtype, checksum}")
-  algorithm = md.get("checksum_algorithm")
-  if algorithm is not None and algorithm != integrity.ALGORITHM:
-    raise CheckpointError(f"{md_path}: checksum_algorithm={algorithm!r} is unknown to this gemma_jax "
-                          f"({_version()}, which writes {integrity.ALGORITHM!r}); upgrade gemma_jax")
-  for name, t in tensors.items():
-    if not isinstance(t, dict):
-      bad(f"tensors[{name!r}]", t, "{shape, dtype, checksum}")
-    shape = t.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-      bad(f"tensors[{name!r}].shape", shape, "a list of non-negative integers")
-    if not isinstance(t.get("dtype"), str):
-      bad(f"tensors[{name!r}].dtype", t.get("dtype"), "a dtype name")
-    if algorithm is not None and not (isinstance(t.get("checksum"), str) and _HEX16.match(t["checksum"])):
-      bad(f"tensors[{name!r}].checksum", t.get("checksum"), "16 hex digits")
-  if md.get("tokenizer") is not None and not isinstance(md["tokenizer"], str):
-    bad("tokenizer", md["tokenizer"], "a file name inside the checkpoint or null")
-  if md.get("template") is not None and not isinstance(md["template"], dict):
-    bad("template", md["template"], "ChatTemplate.to_dict() (a JSON object) or null")
-  if md.get("kind") not in (*KINDS, None):
-    bad("kind", md["kind"], "'pt', 'it' or null")
-  for field in ("provenance", "extra"):
-    if md.get(field) is not None and not isinstance(md[field], dict):
-      bad(field, md[field], "a JSON object")
 
 
 def _raise_not_native(path: str) -> None:
-  from gemma_jax.convert.detect import convert_command, detect_format, format_name
   fmt = detect_format(path)  # raises its own clear error for anything that is not a checkpoint at all
   raise CheckpointError(f"{path} is {format_name(fmt)}, not a gemma_jax checkpoint; convert it first: "
                         f"{convert_command(path)}")
@@ -464,14 +334,12 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
   CheckpointError line naming it.
   """
   import orbax.checkpoint as ocp
-  from gemma_jax.model.params import param_shapes, param_shardings
 
   path = os.path.abspath(os.fspath(path))
   metadata = read_metadata(path)
   md_path = os.path.join(path, METADATA_FILE)
-  config = _config_from(md_path, metadata["config"])
+  config = config_from(md_path, metadata["config"])
   if dtype is not None:
-    from gemma_jax.model.config import DTYPES
     if dtype not in DTYPES:
       raise CheckpointError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
     config = config.replace(param_dtype=dtype)
@@ -545,35 +413,3 @@ def _cast(tree: Params, dtype, shardings: Params) -> Params:
   if all(x.dtype == dtype for x in jax.tree.leaves(tree)):
     return tree
   return jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t), out_shardings=shardings)(tree)
-
-
-# JSON types of the config fields (annotations are strings under `from __future__ import annotations`).
-_FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "Family": (str,)}
-
-
-def _config_from(md_path: str, cfg: dict[str, Any]) -> TransformerConfig:
-  """The model config of metadata.json, or one line naming the field that is wrong."""
-  from gemma_jax.errors import ConfigError
-  fields = dataclasses.fields(TransformerConfig)
-  unknown = sorted(set(cfg) - {f.name for f in fields})
-  if unknown:
-    raise CheckpointError(f"{md_path}: unknown model config field {unknown[0]!r} ({len(unknown)} in all); written "
-                          f"by a newer gemma_jax? upgrade gemma_jax ({_version()}), or {REDO}")
-  for f in fields:
-    if f.name not in cfg:
-      if f.default is dataclasses.MISSING:
-        raise _damaged(md_path, f"config has no {f.name!r} field")
-      continue
-    v, ann = cfg[f.name], str(f.type)
-    base = ann.replace(" | None", "")
-    if base.startswith("tuple"):
-      ok, want = isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"
-    else:
-      types = _FIELD_TYPES.get(base, (object,))
-      ok, want = isinstance(v, types) and (bool in types or not isinstance(v, bool)), base
-    if not ok and not (v is None and "None" in ann):
-      raise _damaged(md_path, f"config field {f.name}={v!r}: expected {want}{' or null' * ('None' in ann)}")
-  try:
-    return TransformerConfig.from_dict(cfg)
-  except (ConfigError, TypeError, ValueError) as e:
-    raise _damaged(md_path, f"bad model config: {e}") from None

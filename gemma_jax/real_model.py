@@ -62,14 +62,11 @@ def real_model_path() -> str:
 def _convert(gguf_path: str, path: str, info: dict) -> None:
   from gemma_jax import checkpoint
   from gemma_jax.convert.gguf import read_gguf
+  from gemma_jax.templates import template_for_family
 
   logging.warning("converting the real Gemma 3 270M (%s) to gemma_jax's format once, into %s", gguf_path, path)
   imported = read_gguf(gguf_path, dtype="float32", progress=False)
-  try:
-    from gemma_jax.templates import template_for_family
-    template = template_for_family("gemma3").to_dict()
-  except ImportError:
-    template = None
+  template = template_for_family("gemma3").to_dict()
   source = {k: v for k, v in imported.source.items() if k not in ("format", "path")}
   checkpoint.save(path, config=imported.config, params=imported.params, tokenizer=imported.tokenizer,
                   template=template, kind="pt",

@@ -146,14 +146,14 @@ def test_crash_while_writing_metadata_keeps_previous_checkpoint(tmp_path, g3, mo
   config, params = g3
   path = tmp_path / "c"
   checkpoint.save(path, config=config, params=params, kind="pt")
-  real = checkpoint._fsync_write
+  real = checkpoint.fsync_write
 
   def write(p, data):
     if p.endswith(checkpoint.COMPLETE_FILE):
       raise OSError(28, "No space left on device")
     real(p, data)
 
-  monkeypatch.setattr(checkpoint, "_fsync_write", write)
+  monkeypatch.setattr(checkpoint, "fsync_write", write)
   new = jax.tree.map(lambda x: x + 1, params)
   with pytest.raises(CheckpointError, match=f"saving {path} failed: No space left on device; the partial copy "
                      f"was removed and the checkpoint already at {path} is intact; free some space"):
@@ -162,7 +162,7 @@ def test_crash_while_writing_metadata_keeps_previous_checkpoint(tmp_path, g3, mo
   ck = checkpoint.load(path)
   assert ck.kind == "pt"
   assert_trees_bitwise_equal(params, _np_tree(ck.params))
-  monkeypatch.setattr(checkpoint, "_fsync_write", real)
+  monkeypatch.setattr(checkpoint, "fsync_write", real)
   checkpoint.save(path, config=config, params=new, kind="it")  # a later save replaces it
   assert checkpoint.load(path).kind == "it" and os.listdir(tmp_path) == ["c"]
 
@@ -170,9 +170,9 @@ def test_crash_while_writing_metadata_keeps_previous_checkpoint(tmp_path, g3, mo
 def test_killed_save_leaves_a_directory_load_refuses(tmp_path, g3, monkeypatch):
   """What `kill -9` between the parameters and the marker leaves: the temporary directory, never loaded."""
   config, params = g3
-  monkeypatch.setattr(checkpoint, "_move_into_place", lambda tmp, path: None)  # "killed" before the rename
-  real = checkpoint._fsync_write
-  monkeypatch.setattr(checkpoint, "_fsync_write",
+  monkeypatch.setattr(checkpoint, "move_into_place", lambda tmp, path: None)  # "killed" before the rename
+  real = checkpoint.fsync_write
+  monkeypatch.setattr(checkpoint, "fsync_write",
                       lambda p, d: None if p.endswith(checkpoint.COMPLETE_FILE) else real(p, d))
   monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)
   checkpoint.save(tmp_path / "c", config=config, params=params)
@@ -262,7 +262,7 @@ def test_load_names_the_format_and_the_convert_command(tmp_path):
 
 
 def test_chat_template_object(tmp_path, g3):
-  templates = pytest.importorskip("gemma_jax.templates")
+  from gemma_jax import templates
   config, params = g3
   t = templates.template_for_family("gemma3")
   checkpoint.save(tmp_path / "c", config=config, params=params, template=t.to_dict(), kind="it")

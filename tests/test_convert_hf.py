@@ -15,8 +15,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gemma_jax.convert import hf
-from gemma_jax.convert.hf import config_from_hf, config_to_hf, read_hf, write_hf
+from gemma_jax.convert.hf import read_hf, write_hf
+from gemma_jax.convert.hf_config import config_from_hf, config_to_hf
+from gemma_jax.convert.safetensors_io import SafetensorsFile
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import TransformerConfig
 
@@ -27,7 +28,7 @@ NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3")
 
 
 def st_tensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a checkpoint dir, read independently of hf.py (safetensors' own reader; bf16 via bytes)."""
+  """All tensors of a checkpoint dir, read independently of read_hf (safetensors' own reader; bf16 via ours)."""
   from safetensors import safe_open
   out = {}
   for f in sorted(os.listdir(path)):
@@ -36,7 +37,7 @@ def st_tensors(path: str) -> dict[str, np.ndarray]:
         for n in st.keys():
           sl = st.get_slice(n)
           if sl.get_dtype() == "BF16":
-            out[n] = hf._SafetensorsFile(os.path.join(path, f)).get(n)
+            out[n] = SafetensorsFile(os.path.join(path, f)).get(n)
           else:
             out[n] = st.get_tensor(n)
   return out

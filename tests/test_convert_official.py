@@ -90,7 +90,7 @@ def test_flat_layout(tmp_path, case, gating):
 
 
 def test_released_flat_layout_built_by_hand_without_ocdbt(tmp_path):
-  """The flat tree assembled key by key (as GEMMA.md 3 lists it), saved in orbax's older per-array format."""
+  """The flat tree assembled key by key (as docs/WEIGHTS.md 3 lists it), saved in orbax's older per-array format."""
   config = _config("gemma1")
   params = _params(config, seed=5)
   flat = {"transformer/embedder": params["embedder"], "transformer/final_norm": params["final_norm"]}

@@ -17,10 +17,9 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2 as pb
 
 from conftest import tiny_config
-from gemma_jax.convert.gguf import (ARCH_FIELDS, _Metadata, config_from_metadata, dequantize_tensor, read_gguf,
-                                    read_gguf_tokenizer, same_architecture)
+from gemma_jax.convert.gguf import _Metadata, config_from_metadata, dequantize_tensor, read_gguf, read_gguf_tokenizer
 from gemma_jax.errors import CheckpointError
-from gemma_jax.model.config import TransformerConfig
+from gemma_jax.model.config import ARCH_FIELDS, TransformerConfig, same_architecture
 from gemma_jax.model.params import param_shapes
 from gemma_jax.model.transformer import Transformer, logits_from_hidden
 from gemma_jax.tokenizer import Tokenizer

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_jax.convert.hf import params_to_hf, read_hf
+from gemma_jax.convert.hf import read_hf
+from gemma_jax.convert.hf_names import params_to_hf
 from gemma_jax.model.transformer import Transformer
 from gemma_jax.training.orpo import orpo_loss
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+from gemma_jax.checkpoint_format import METADATA_FILE, looks_native
+from gemma_jax.convert.common import read_json_object
+from gemma_jax.convert.hf_config import HF_ARCHITECTURES, HF_MODEL_TYPES
 from gemma_jax.errors import CheckpointError
 
 Format = Literal["native", "hf", "official", "gguf"]
 
-# transformers model types / architectures we read (the language model of multimodal Gemma 3 included)
-HF_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
-HF_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                    "Gemma3ForConditionalGeneration")
+# Weight files that only unpickling could read (never done); lower-case suffixes.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA", "checkpoint")
 
@@ -54,7 +54,6 @@ def _pickle_error(path: str, files: list[str]) -> CheckpointError:
 
 
 def _read_hf_config(path: str) -> dict:
-  from gemma_jax.convert.common import read_json_object
   return read_json_object(os.path.join(path, "config.json"))
 
 
@@ -69,16 +68,6 @@ def _check_hf_architecture(path: str, cfg: dict) -> None:
   raise CheckpointError(
       f"{path}/config.json: unsupported architecture ({what}; model_type {model_type!r}); gemma_jax converts "
       f"Gemma 1/2/3 text models (model_type one of {', '.join(HF_MODEL_TYPES)})")
-
-
-def _looks_native(path: str) -> bool:
-  """checkpoint's test for our format, with a too-deep metadata.json as a CheckpointError."""
-  from gemma_jax.checkpoint import METADATA_FILE
-  from gemma_jax.checkpoint import _looks_native as looks_native
-  try:
-    return looks_native(path)
-  except RecursionError:  # json recurses once per nesting level
-    raise CheckpointError(f"{os.path.join(path, METADATA_FILE)}: JSON nested too deeply to read") from None
 
 
 def detect_format(path: str | os.PathLike) -> Format:
@@ -104,8 +93,7 @@ def detect_format(path: str | os.PathLike) -> Format:
     files = os.listdir(path)
   except OSError as e:
     raise CheckpointError(f"{path}: cannot list the directory ({e.strerror})") from None
-  from gemma_jax.checkpoint import METADATA_FILE
-  if METADATA_FILE in files and _looks_native(path):
+  if METADATA_FILE in files and looks_native(path):
     return "native"
 
   has_safetensors = any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in files)
@@ -125,7 +113,7 @@ def detect_format(path: str | os.PathLike) -> Format:
 
   inner = os.path.dirname(os.path.normpath(path))
   for parent in (inner, os.path.dirname(inner)):  # <ckpt>/params or <ckpt>/params/<group>
-    if _looks_native(parent):
+    if looks_native(parent):
       raise CheckpointError(f"{path} is inside a gemma_jax checkpoint; pass the checkpoint directory {parent}")
   if any(m in files for m in ORBAX_MARKERS):
     return "official"

@@ -5,11 +5,12 @@
 Tensors are read one at a time through the `gguf` package (memory-mapped) and dequantized to f32 (Q4_K, Q5_K,
 Q6_K, Q8_0, Q5_0, F16, BF16, F32, ...: every type `gguf.quants` knows), then cast to `dtype`. GGUF lists
 dimensions innermost first, so a tensor shown as [640, 1024] is the [1024, 640] (HF `[out, in]`) matrix that
-numpy sees; the HF-style matrices are then rearranged into the official Flax einsum shapes (GEMMA.md 3-4).
-llama.cpp stores RMSNorm weights as `1 + scale`; we store the zero-centred `scale`.
+numpy sees; the HF-style matrices are then rearranged into the official Flax einsum shapes (docs/WEIGHTS.md
+sections 1, 4, 5). llama.cpp stores RMSNorm weights as `1 + scale`; we store the zero-centred `scale`.
 
 The tokenizer is rebuilt from `tokenizer.ggml.{tokens,scores,token_type}` as the released SentencePiece model
-(GEMMA.md 5): BPE with byte fallback, identity normalizer, no dummy prefix, whitespace kept and escaped as `▁`.
+(docs/WEIGHTS.md section 6): BPE with byte fallback, identity normalizer, no dummy prefix, whitespace kept and
+escaped as `▁`.
 Two differences of llama.cpp's export are undone: user-defined pieces had `▁` turned back into spaces, and
 `<start_of_turn>`/`<end_of_turn>` (and `<unk>`) were marked CONTROL; the released model has them USER_DEFINED
 (so they encode from text to single ids) and UNKNOWN.
@@ -25,7 +26,9 @@ import numpy as np
 
 from gemma_jax.convert.common import Imported
 from gemma_jax.errors import CheckpointError, ConfigError
-from gemma_jax.model.config import PRESETS, AttentionType, TransformerConfig
+from gemma_jax.model.config import (DTYPES, SHAPE_FIELDS, AttentionType, TransformerConfig, match_preset,
+                                    same_architecture)
+from gemma_jax.progress import progress_bar
 from gemma_jax.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
 
 ARCHITECTURES = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3": "gemma3"}
@@ -75,7 +78,7 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
   cast = lambda w: np.ascontiguousarray(w.astype(np_dtype, copy=False))
   norm = lambda name, n: {"scale": cast(take(name, (n,)) - 1.0)}
   params: dict[str, Any] = {"embedder": {"input_embedding": cast(take("token_embd.weight", (V, D)))}}
-  bar = _progress(L, f"reading {os.path.basename(path)}", progress)
+  bar = progress_bar(total=L, desc=f"reading {os.path.basename(path)}", unit="layer", disable=not progress)
   for i in range(L):
     b = f"blk.{i}."
     q = take(b + "attn_q.weight", (N * H, D)).reshape(N, H, D).transpose(0, 2, 1)  # [N, D, H]
@@ -214,14 +217,9 @@ class _Metadata:
 def _numpy_dtype(dtype: str) -> np.dtype:
   import jax.numpy as jnp
 
-  if dtype not in ("float32", "bfloat16", "float16"):
+  if dtype not in DTYPES:
     raise ConfigError(f"dtype={dtype!r}: use float32, bfloat16 or float16")
   return np.dtype(jnp.dtype(dtype))
-
-
-def _progress(total: int, desc: str, enabled: bool):
-  from tqdm.auto import tqdm
-  return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, leave=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,7 +289,7 @@ def config_from_metadata(meta: _Metadata, arch: str, tensors: dict[str, Any], dt
   if scale is not None and float(scale) > 0:
     fields["query_pre_attn_scalar"] = _clean(float(scale) ** -2)
 
-  preset = match_preset(fields)
+  preset = match_preset(fields, SHAPE_FIELDS)
   if "query_pre_attn_scalar" not in fields:
     # llama.cpp derives it from the model size: (D/N)^-0.5 for the 27B models, head_dim^-0.5 otherwise.
     fields["query_pre_attn_scalar"] = preset.query_pre_attn_scalar if preset else float(head_dim)
@@ -306,27 +304,6 @@ def config_from_metadata(meta: _Metadata, arch: str, tensors: dict[str, Any], dt
   if preset is not None and same_architecture(config, preset):
     config = config.replace(preset=preset.preset)
   return config
-
-
-_SHAPE_FIELDS = ("family", "num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim")
-ARCH_FIELDS = _SHAPE_FIELDS + (
-    "query_pre_attn_scalar", "attention_types", "sliding_window_size", "attn_logits_soft_cap",
-    "final_logit_soft_cap", "use_post_attn_norm", "use_post_ffw_norm", "use_qk_norm", "local_base_frequency",
-    "global_base_frequency", "global_scale_factor", "norm_eps")
-
-
-def match_preset(fields: dict[str, Any]) -> TransformerConfig | None:
-  """The preset with the same family and tensor shapes (ignoring embedding rows), or None."""
-  for name in PRESETS:
-    p = getattr(TransformerConfig, name)()
-    if all(getattr(p, f) == fields[f] for f in _SHAPE_FIELDS):
-      return p
-  return None
-
-
-def same_architecture(a: TransformerConfig, b: TransformerConfig) -> bool:
-  """Whether two configs compute the same function (dtype, context length and embedding rows aside)."""
-  return all(getattr(a, f) == getattr(b, f) for f in ARCH_FIELDS)
 
 
 def _file_type(value) -> str | None:

@@ -3,7 +3,7 @@
     read_official("gemma2-2b-it/")  -> Imported(config, params, tokenizer, kind, source)
     write_official(path, config, params)
 
-Two layouts are read (GEMMA.md 3):
+Two layouts are read (docs/WEIGHTS.md 3):
   flat (as released):  {"transformer/layer_0/attn/q_einsum": {"w": [N, D, H]}, ...,
                         "transformer/layer_0/mlp/gating_einsum": {"w": [2, F, D] or [2, D, F]}}
   nested (Flax module tree): {"transformer": {"layer_0": {"attn": {...}, "mlp": {"gating_einsum": ...}}}}
@@ -27,7 +27,7 @@ import numpy as np
 
 from gemma_jax.convert.common import Imported
 from gemma_jax.errors import CheckpointError, ConfigError
-from gemma_jax.model.config import PRESETS, TransformerConfig
+from gemma_jax.model.config import DTYPES, TREE_FIELDS, TransformerConfig, match_preset
 from gemma_jax.model.params import compare_to_config, flatten
 from gemma_jax.tokenizer import Tokenizer
 
@@ -55,7 +55,7 @@ def read_official(path: str | os.PathLike, dtype: str | None = None, *,
   if dtype is None:
     dtypes = {str(np.asarray(x).dtype) for x in flat.values()}
     stored = dtypes.pop() if len(dtypes) == 1 else "float32"
-    if stored in ("float32", "bfloat16", "float16"):
+    if stored in DTYPES:
       config = config.replace(dtype=stored, param_dtype=stored)
   else:
     config = config.replace(dtype=dtype, param_dtype=dtype)
@@ -150,7 +150,7 @@ def _restore_args(meta: Any, make: Callable[[], Any]) -> dict[str, Any] | None:
 def _jnp_dtype(dtype: str):
   import jax.numpy as jnp
 
-  if dtype not in ("float32", "bfloat16", "float16"):
+  if dtype not in DTYPES:
     raise ConfigError(f"dtype={dtype!r}: use float32, bfloat16 or float16")
   return jnp.dtype(dtype)
 
@@ -238,12 +238,9 @@ def infer_config(flat: dict[str, Any], path: str, *, preset: str | TransformerCo
   elif isinstance(preset, str):
     config = TransformerConfig.from_preset(preset, vocab_size=V)
   else:
-    config = None
-    for name in PRESETS:
-      p = getattr(TransformerConfig, name)()
-      if all(getattr(p, k) == v for k, v in shapes.items()):
-        config = p.replace(vocab_size=V)
-        break
+    config = match_preset(shapes, TREE_FIELDS)
+    if config is not None:
+      config = config.replace(vocab_size=V)
     if config is None:
       raise CheckpointError(f"{path}: the parameter shapes ({seen}, V={V}) match no preset; pass preset= with "
                             f"a preset name or a TransformerConfig for this model")

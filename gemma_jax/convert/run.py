@@ -15,11 +15,11 @@ import sys
 import time
 from typing import Any
 
+from gemma_jax.checkpoint_format import looks_native
 from gemma_jax.errors import UserError
-from gemma_jax.model.config import TransformerConfig
+from gemma_jax.model.config import DTYPES, TransformerConfig
 
 DST_FORMATS = ("native", "hf")
-DTYPES = ("float32", "bfloat16", "float16")
 
 def _say(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
@@ -107,25 +107,12 @@ def _check_dst(dst: str, dst_format: str, overwrite: bool) -> None:
   if not overwrite:
     raise UserError(f"{dst} exists; delete it, choose another --dst, or pass --overwrite")
   if dst_format == "native":
-    from gemma_jax.convert.detect import _looks_native
-    ours = os.path.isdir(dst) and _looks_native(dst)
+    ours = os.path.isdir(dst) and looks_native(dst)
   else:
     ours = os.path.isdir(dst) and os.path.isfile(os.path.join(dst, "config.json"))
   if not ours:
     raise UserError(f"{dst} exists and is not a {'gemma_jax' if dst_format == 'native' else 'transformers'} "
                     "checkpoint; refusing to overwrite it")
-
-
-def _write_hf_atomically(dst: str, imported, chat_template, dtype: str | None) -> None:
-  from gemma_jax.checkpoint import _move_into_place
-  from gemma_jax.convert.hf import write_hf
-  tmp = f"{dst}.tmp-{secrets.token_hex(4)}"
-  try:
-    write_hf(tmp, imported.config, imported.params, tokenizer=imported.tokenizer, chat_template=chat_template,
-             dtype=dtype)
-    _move_into_place(tmp, dst)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert(*, src: str, dst: str, dst_format: str = "native", dtype: str | None = None,
@@ -161,7 +148,9 @@ def convert(*, src: str, dst: str, dst_format: str = "native", dtype: str | None
     checkpoint.save(dst, config=imported.config, params=imported.params, tokenizer=imported.tokenizer,
                     template=tmpl, kind=kind, provenance=provenance, overwrite=overwrite)
   else:
-    _write_hf_atomically(dst, imported, _chat_template_text(tmpl, imported), dtype)
+    from gemma_jax.convert.hf import write_hf
+    write_hf(dst, imported.config, imported.params, tokenizer=imported.tokenizer,
+             chat_template=_chat_template_text(tmpl, imported), dtype=dtype, overwrite=overwrite)
   if kind is None and dst_format == "native":
     _say("warning: the source does not say whether it is pretrained or instruction-tuned; pass --kind=pt|it "
          "so that samplers know (the checkpoint's kind is left unknown)")
@@ -181,14 +170,13 @@ def identity(path: str) -> tuple[int, int] | None:
 
 
 def partial_outputs(dst: str) -> set[str]:
-  """What writing `dst` leaves beside it while in progress: `<dst>.tmp-*` (+ `.partial-*`), `<dst>.old-*`."""
+  """What writing `dst` leaves beside it while in progress (`gemma_jax.atomic`): `<dst>.tmp-*`, `<dst>.old-*`."""
   parent, base = os.path.split(os.path.abspath(dst))
   try:
     names = os.listdir(parent)
   except OSError:
     return set()
-  return {os.path.join(parent, n) for n in names if n.startswith(tuple(f"{base}.{k}-" for k in
-                                                                       ("tmp", "partial", "old")))}
+  return {os.path.join(parent, n) for n in names if n.startswith((f"{base}.tmp-", f"{base}.old-"))}
 
 
 def undo_partial_write(dst: str, before: set[str], dst_id: tuple[int, int] | None) -> str:

@@ -241,3 +241,32 @@ PRESETS = ("gemma1_2b", "gemma1_7b", "gemma2_2b", "gemma2_9b", "gemma2_27b", "ge
 def preset_names() -> list[str]:
   """Preset names as users write them: 'gemma3-270m', ..."""
   return [p.replace("_", "-") for p in PRESETS]
+
+
+# What fixes the tensor shapes; with the norms, what fixes the parameter tree; with the rest, the function computed
+# (everything but vocab rows, context length, dtypes, remat and the preset name).
+SHAPE_FIELDS = ("family", "num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim")
+TREE_FIELDS = SHAPE_FIELDS + ("use_qk_norm", "use_post_attn_norm", "use_post_ffw_norm")
+ARCH_FIELDS = SHAPE_FIELDS + (
+    "query_pre_attn_scalar", "attention_types", "sliding_window_size", "attn_logits_soft_cap",
+    "final_logit_soft_cap", "use_post_attn_norm", "use_post_ffw_norm", "use_qk_norm", "local_base_frequency",
+    "global_base_frequency", "global_scale_factor", "norm_eps")
+
+
+def match_preset(config: TransformerConfig | dict[str, Any], fields: tuple[str, ...] = ARCH_FIELDS
+                 ) -> TransformerConfig | None:
+  """The first preset (in PRESETS order) equal to `config` (a config or a dict of fields) on `fields`, or None.
+
+  fields: ARCH_FIELDS (default, the same model up to vocab rows / context / dtypes), TREE_FIELDS or SHAPE_FIELDS.
+  """
+  get = config.__getitem__ if isinstance(config, dict) else lambda f: getattr(config, f)
+  for name in PRESETS:
+    p = getattr(TransformerConfig, name)()
+    if all(getattr(p, f) == get(f) for f in fields):
+      return p
+  return None
+
+
+def same_architecture(a: TransformerConfig, b: TransformerConfig) -> bool:
+  """Whether two configs compute the same function (dtype, context length and embedding rows aside)."""
+  return all(getattr(a, f) == getattr(b, f) for f in ARCH_FIELDS)
