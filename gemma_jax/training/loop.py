@@ -37,6 +37,7 @@ from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.params import param_shapes, param_shardings
 from gemma_jax.model.sharding import ShardingContext, make_mesh
 from gemma_jax.model.transformer import Transformer
+from gemma_jax.progress import progress_bar
 from gemma_jax.training import checkpointing, objectives, optim, run_data, state as state_lib, step as step_lib
 from gemma_jax.training.batches import global_batch, stack_microbatches
 from gemma_jax.training.evaluation import Evaluator
@@ -166,7 +167,8 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
 
   writer = MetricsWriter(workdir, resume_step=step)  # rows of steps that will run again are dropped
   evaluate = Evaluator(config, data, eval_step, mesh, writer, start, model_config, ctx, best_loss=best_eval)
-  bar = _progress(step, num_steps, enabled=config.progress and primary)
+  bar = progress_bar(total=num_steps, initial=step, unit="step", disable=not (config.progress and primary),
+                     leave=True)
   meta_base = {"run": json.loads(config.to_json_best_effort()), "model": model_config.to_dict()}
   last_metrics: dict[str, float] = {}
   last_eval: dict[str, float] = {}
@@ -286,7 +288,3 @@ def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
 
-
-def _progress(step: int, total: int, enabled: bool):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=step, disable=not enabled, unit="step", dynamic_ncols=True)
