@@ -88,7 +88,7 @@ class Sampler:
     self.sharding = sharding
     self.prefill_chunk = prefill_chunk
     self.min_cache = min_cache
-    self.layout = layout or WeightLayout.for_backend(config, sharding, packed)
+    self.layout = WeightLayout.for_backend(config, sharding, packed) if layout is None else layout
     self.packed = self.layout.packed
     prog = program(config, sharding, self.layout)
     self.model = Transformer(config, sharding)  # the model as it reads `self.params`
