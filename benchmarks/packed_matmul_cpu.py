@@ -65,7 +65,7 @@ def decode_case(rows, k, n, copies, repeats):
   if n < 65536:
     out["xla_s"] = _time(_chain(lambda x, w: x @ w), x, weights, repeats=repeats)
   else:  # the head: XLA reads the model's [V, D] table, in the head's einsum and in the vocabulary-major form
-    tables = [jnp.asarray(w.T) for w in weights]  # that the no-kernel Sampler uses (`few_rows_logits`)
+    tables = [jnp.asarray(w.T) for w in weights]  # that the no-kernel Sampler uses (`tied_logits(vocab_major=True)`)
     out["xla_s"] = _time(_chain(lambda x, t: jnp.einsum("BD,VD->BV", x, t)), x, tables, repeats=repeats)
     vocab_major = lambda x, t: jax.lax.optimization_barrier(jnp.einsum("VD,BD->VB", t, x)).T
     out["xla_vocab_major_s"] = _time(_chain(vocab_major), x, tables, repeats=repeats)

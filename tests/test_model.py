@@ -14,7 +14,8 @@ from gemma_jax.model.attention import attention_mask
 from gemma_jax.model.config import AttentionType, TransformerConfig, preset_names
 from gemma_jax.model.params import count_params, init_params, param_shapes
 from gemma_jax.model.rope import apply_rope
-from gemma_jax.model.transformer import Transformer, few_rows_logits, logits_from_hidden
+from gemma_jax.model.layers import Embedder, tied_logits
+from gemma_jax.model.transformer import Transformer, logits_from_hidden
 
 # (name, billions of parameters as published, rounded)
 PRESET_SIZES = {"gemma1-2b": 2.5, "gemma1-7b": 8.5, "gemma2-2b": 2.6, "gemma2-9b": 9.2, "gemma2-27b": 27.2,
@@ -157,9 +158,23 @@ def test_bf16_policy_keeps_softmax_norms_logits_f32():
 
 
 def test_embedding_scale_rounded_to_compute_dtype():
+  """`Embedder.encode` multiplies by sqrt(D) rounded to the compute dtype first (as the reference does): in bf16,
+  3 * 59.75 rounds to 179, where 3 * sqrt(3584) = 179.6 rounded once would give 180."""
   config = TransformerConfig.gemma2_2b(dtype="bfloat16", num_layers=1)
   assert float(jnp.asarray(config.embed_dim ** 0.5, jnp.bfloat16)) == 48.0
   assert float(jnp.asarray(3584 ** 0.5, jnp.bfloat16)) == 59.75
+  table = {"input_embedding": jnp.full((8, 3584), 3.0, jnp.float32)}
+  tokens = jnp.array([[0, 5]])
+
+  def encode(dtype):
+    return Embedder(8, 3584, dtype=dtype).apply({"params": table}, tokens, method=Embedder.encode)
+  bf16 = encode(jnp.bfloat16)
+  assert bf16.dtype == jnp.bfloat16 and bf16.shape == (1, 2, 3584)
+  assert np.all(np.asarray(bf16, np.float32) == 179.0)
+  assert float(jnp.asarray(3 * 3584 ** 0.5, jnp.bfloat16)) == 180.0  # what rounding once would give
+  f32 = encode(jnp.float32)
+  assert f32.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(f32), np.float32(3.0) * np.float32(3584 ** 0.5))
 
 
 @pytest.mark.parametrize("remat", ["block", "dots"])
@@ -177,12 +192,13 @@ def test_remat_changes_nothing_numerically(remat):
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])  # gemma2: the final soft-cap applies
-def test_few_rows_logits_equal_the_head(family):
+def test_vocab_major_head_equals_the_head(family):
+  """`tied_logits(vocab_major=True)` (the sampler's decode head on XLA) gives the head's numbers."""
   config = tiny_config(family)
   params = init_params(config, jax.random.key(0))
   emb = params["embedder"]["input_embedding"]
   hidden = jax.random.normal(jax.random.key(1), (3, config.embed_dim)) * 4.0
   want = logits_from_hidden(hidden, emb, config)
-  got = jax.jit(lambda h, e: few_rows_logits(h, e, config))(hidden, emb)
+  got = jax.jit(lambda h, e: tied_logits(h, e, config.final_logit_soft_cap, vocab_major=True))(hidden, emb)
   assert got.shape == want.shape == (3, config.vocab_size) and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)  # f32 summation order

@@ -1,6 +1,6 @@
 """The packed CPU matmul: panels round-trip bitwise, the kernel equals XLA's einsum for every shape the model
 uses (row blocks and their remainders, column tails, the threaded path), and a packed model equals the plain
-one."""
+one (through `PackedMatmul`, the hook the sampler's packed layout passes)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from conftest import tiny_config
 from gemma_jax.kernels import packed_matmul
 from gemma_jax.model import Transformer, init_params
-from gemma_jax.model.transformer import WEIGHT_EQNS, pack_params
+from gemma_jax.sampling.weight_layout import PACKED, WEIGHT_EQNS, pack_params
 
-pytestmark = pytest.mark.skipif(not packed_matmul.available(), reason="no C++ compiler: packed kernel not built")
+needs_kernel = pytest.mark.skipif(not packed_matmul.available(), reason="no C++ compiler: packed kernel not built")
 
 # (eqn, x shape, w shape): the model's einsums, with N % 32 != 0 tails and K not a multiple of 16
 CASES = [("BTD,NDH->BTNH", (3, 5, 40), (4, 40, 24)), ("BTD,CKDH->CBTKH", (2, 1, 40), (2, 1, 40, 16)),
@@ -23,6 +23,7 @@ CASES = [("BTD,NDH->BTNH", (3, 5, 40), (4, 40, 24)), ("BTD,CKDH->CBTKH", (2, 1, 
          ("BTD,VD->BTV", (2, 3, 40), (1000, 40))]
 
 
+@needs_kernel
 @pytest.mark.parametrize("eqn,xs,ws", CASES)
 def test_packed_einsum_equals_xla(eqn, xs, ws):
   x = jax.random.normal(jax.random.key(0), xs)
@@ -36,6 +37,7 @@ def test_packed_einsum_equals_xla(eqn, xs, ws):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
 @pytest.mark.parametrize("m", [1, 3, 8, 13, 64])
 def test_every_row_count_and_the_threaded_path(m):
   """Rows in blocks of 8 (4 without AVX-512) plus remainders; a 2.6 MB weight is split over the threads."""
@@ -55,6 +57,7 @@ def test_take_columns_gives_embedding_rows():
                                  np.asarray(table[ids]))
 
 
+@needs_kernel
 @pytest.mark.parametrize("family,kv_heads", [("gemma2", 2), ("gemma3", 4)])
 def test_packed_model_equals_the_plain_model(family, kv_heads):
   """Every weight packed (gemma3 with as many kv heads as heads: the fused qkv projection) -> the same logits."""
@@ -63,14 +66,27 @@ def test_packed_model_equals_the_plain_model(family, kv_heads):
   tokens = jax.random.randint(jax.random.key(6), (2, 11), 0, 300)
   want = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t)[0])(params, tokens)
   packed = pack_params(params)
-  got = jax.jit(lambda p, t: Transformer(cfg, packed=True).apply({"params": p}, t)[0])(packed, tokens)
+  got = jax.jit(lambda p, t: Transformer(cfg, matmul=PACKED).apply({"params": p}, t)[0])(packed, tokens)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-5)
   names = {getattr(k, "key", None) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0] for k in path}
   assert ("qkv_einsum" in names) == (kv_heads == 4) and {"input_embedding", "linear"} <= names & set(WEIGHT_EQNS)
 
 
 def test_a_failed_build_is_one_clear_error(monkeypatch, tmp_path):
-  monkeypatch.setenv("CXX", "/bin/false")
-  with pytest.raises(RuntimeError, match="failed"):
+  """A compiler that fails (runs everywhere: the build is pointed at a broken one): one RuntimeError naming the
+  compiler's last line, no library left behind, and `available()` says False (here, with the kernel cache in
+  `tmp_path`, so nothing is loaded) instead of raising."""
+  broken = tmp_path / "broken-c++"
+  broken.write_text("#!/bin/sh\necho 'some warning' >&2\necho 'fatal error: broken on purpose' >&2\nexit 3\n")
+  broken.chmod(0o755)
+  monkeypatch.setenv("CXX", str(broken))
+  with pytest.raises(RuntimeError, match=r"with .*broken-c\+\+ failed: fatal error: broken on purpose$"):
     packed_matmul._compile(str(tmp_path / "lib.so"))
   assert not (tmp_path / "lib.so").exists()
+  monkeypatch.setenv("CXX", "/bin/false")  # no message at all: the exit code
+  with pytest.raises(RuntimeError, match="failed: exit code 1$"):
+    packed_matmul._compile(str(tmp_path / "lib.so"))
+  monkeypatch.setenv("GEMMA_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("GEMMA_JAX_PACKED_MATMUL", "1")
+  assert packed_matmul.available.__wrapped__() is False  # uncached: the real `available()` is untouched
+  assert not list((tmp_path / "cache").rglob("*.so"))

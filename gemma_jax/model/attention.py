@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from gemma_jax.model import kv_cache
 from gemma_jax.model.config import AttentionType, TransformerConfig
-from gemma_jax.model.layers import Einsum, RMSNorm, soft_cap
+from gemma_jax.model.layers import XLA, Einsum, Matmul, RMSNorm, soft_cap
 from gemma_jax.model.rope import apply_rope
 from gemma_jax.model.sharding import ShardingContext, constrain
 
@@ -44,11 +44,11 @@ class Attention(nn.Module):
   config: TransformerConfig
   attn_type: AttentionType
   sharding: ShardingContext | None = None
-  packed: bool = False  # weights in `packed_matmul` panels (see `Einsum`)
+  matmul: Matmul = XLA  # passed to the projections (see `Matmul`)
 
   def setup(self):
     c = self.config
-    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), packed=self.packed)
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), matmul=self.matmul)
     if c.num_heads == c.num_kv_heads:  # MHA: one fused projection, as in the official checkpoints
       self.qkv_einsum = Einsum((3, c.num_heads, c.embed_dim, c.head_dim),
                                (None, "heads", "embed", "head_dim"), **kw)

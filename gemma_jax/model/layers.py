@@ -1,39 +1,54 @@
-"""Basic layers: Einsum, RMSNorm, Embedder. Every parameter carries logical sharding axes."""
+"""Basic layers: the matmul hook, Einsum, RMSNorm, Embedder and the tied output head. Every parameter carries
+logical sharding axes."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.kernels import packed_matmul
 from gemma_jax.model.sharding import param_init
 
-HEAD_EQN = "BTD,VD->BTV"  # the tied output head
+
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+  """The model's one matmul hook, read only by `Einsum` and `Embedder` (and `tied_logits`): XLA's (jnp).
+
+  A caller that stores the weights in another form (the sampler's `gemma_jax/sampling/weight_layout.py`) passes
+  a subclass, down from `Transformer(..., matmul=...)`.
+  """
+
+  def einsum(self, eqn: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+    """`jnp.einsum(eqn, x, w)`, e.g. eqn 'BTD,NDH->BTNH'; `w` is a weight as the hook's owner stores it."""
+    return jnp.einsum(eqn, x, w, preferred_element_type=preferred_element_type)
+
+  def take(self, table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Rows `tokens` [...] of the embedding table [V, D] -> [..., D]."""
+    return jnp.take(table, tokens, axis=0)
+
+
+XLA = Matmul()
 
 
 class Einsum(nn.Module):
-  """A weight `w` of `shape` contracted with the input by `eqn`, e.g. 'BTD,NDH->BTNH'.
-
-  `packed`: `w` holds `packed_matmul.pack(eqn, w)` (f32 CPU decoding; see gemma_jax/kernels).
-  """
+  """A weight `weight_name` of `shape` contracted with the input by `eqn`, e.g. 'BTD,NDH->BTNH'."""
 
   shape: tuple[int, ...]
   axes: tuple[str | None, ...]
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   init_scale: float = 1.0
-  packed: bool = False
+  matmul: Matmul = XLA
+  weight_name: str = "w"
 
   @nn.compact
   def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
-    w = self.param("w", param_init(fan_in_init(self.shape, eqn, self.init_scale), self.axes), self.shape,
-                   self.param_dtype)
-    if self.packed:
-      return packed_matmul.einsum(eqn, x, w)
-    return jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+    w = self.param(self.weight_name, param_init(fan_in_init(self.shape, eqn, self.init_scale), self.axes),
+                   self.shape, self.param_dtype)
+    return self.matmul.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
 
 
 def fan_in_init(shape: Sequence[int], eqn: str | None, scale: float):
@@ -65,17 +80,39 @@ class RMSNorm(nn.Module):
     return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-class Embedder(nn.Module):
-  """Token embedding table [V, D], shared with the output head (tied weights).
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """`tanh(x / cap) * cap`; identity when `cap` is None."""
+  if cap is None:
+    return x
+  return jnp.tanh(x / cap) * cap
 
-  `packed`: the table holds `packed_matmul.pack(HEAD_EQN, table)` (f32 CPU decoding).
+
+def tied_logits(hidden: jax.Array, table: jax.Array, cap: float | None, matmul: Matmul = XLA, *,
+                vocab_major: bool = False) -> jax.Array:
+  """The tied output head: hidden [..., D] by the embedding table [V, D] (a slice of rows is fine) -> f32 logits
+  [..., V], soft-capped by `cap` (None: not capped). The product runs in hidden's dtype, accumulated in f32.
+
+  vocab_major: hidden is [M, D] (a few rows: decode steps); computed as [V, M], then transposed, same numbers.
+  XLA's CPU GEMM is faster so for the real 270M head at M = 8 (BENCHMARKS.md); the barrier keeps XLA from
+  folding the transpose back into the product. Only for a hook that takes any operand order (`XLA`).
   """
+  table = table.astype(hidden.dtype)
+  if vocab_major:
+    logits = matmul.einsum("VD,MD->VM", table, hidden, preferred_element_type=jnp.float32)
+    logits = jax.lax.optimization_barrier(logits).T
+  else:
+    logits = matmul.einsum("...D,VD->...V", hidden, table, preferred_element_type=jnp.float32)
+  return soft_cap(logits, cap)
+
+
+class Embedder(nn.Module):
+  """Token embedding table [V, D], shared with the output head (tied weights)."""
 
   vocab_size: int
   embed_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  packed: bool = False
+  matmul: Matmul = XLA
 
   def setup(self):
     self.input_embedding = self.param(
@@ -84,22 +121,9 @@ class Embedder(nn.Module):
 
   def encode(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> [B, T, D], scaled by sqrt(D) rounded to the compute dtype (as the reference does)."""
-    if self.packed:
-      x = packed_matmul.take_columns(HEAD_EQN, self.input_embedding, tokens)
-    else:
-      x = jnp.take(self.input_embedding, tokens, axis=0).astype(self.dtype)
+    x = self.matmul.take(self.input_embedding, tokens).astype(self.dtype)
     return x * jnp.asarray(self.embed_dim ** 0.5, dtype=self.dtype)
 
-  def decode(self, x: jax.Array) -> jax.Array:
-    """x [B, T, D] -> logits [B, T, V] in f32."""
-    if self.packed:
-      return packed_matmul.einsum(HEAD_EQN, x, self.input_embedding)
-    return jnp.einsum("BTD,VD->BTV", x, self.input_embedding.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
-
-
-def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
-  """`tanh(x / cap) * cap`; identity when `cap` is None."""
-  if cap is None:
-    return x
-  return jnp.tanh(x / cap) * cap
+  def decode(self, x: jax.Array, cap: float | None = None) -> jax.Array:
+    """x [B, T, D] -> logits [B, T, V] in f32, soft-capped by `cap` (see `tied_logits`)."""
+    return tied_logits(x, self.input_embedding, cap, self.matmul)

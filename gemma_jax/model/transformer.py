@@ -16,54 +16,56 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.kernels import packed_matmul
 from gemma_jax.model import kv_cache
-from gemma_jax.model.attention import KV_EQN, OUT_EQN, Q_EQN, QKV_EQN, Attention
+from gemma_jax.model.attention import Attention
 from gemma_jax.model.config import AttentionType, TransformerConfig
-from gemma_jax.model.layers import HEAD_EQN, Embedder, RMSNorm, fan_in_init, soft_cap
-from gemma_jax.model.sharding import ShardingContext, constrain, param_init
+from gemma_jax.model.layers import XLA, Einsum, Embedder, Matmul, RMSNorm, tied_logits
+from gemma_jax.model.sharding import ShardingContext, constrain
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")
 GATING_EQN, LINEAR_EQN = "BTD,CFD->CBTF", "BTF,FD->BTD"
 
 
 class FeedForward(nn.Module):
-  """GeGLU: `(gelu_tanh(x W_gate) * (x W_up)) W_down`. gating_einsum [2, F, D] (0 = gate, 1 = up); linear [F, D]."""
+  """GeGLU: `(gelu_tanh(x W_gate) * (x W_up)) W_down`. gating_einsum [2, F, D] (0 = gate, 1 = up); linear [F, D].
+
+  Two `Einsum`s in this module's scope (`nn.share_scope`, as the official library does): the parameters stay
+  `mlp/gating_einsum` and `mlp/linear`, as in the checkpoints.
+  """
 
   config: TransformerConfig
-  packed: bool = False  # weights in `packed_matmul` panels (see `Einsum`)
+  matmul: Matmul = XLA
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    matmul = packed_matmul.einsum if self.packed else jnp.einsum
-    dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    gating = self.param("gating_einsum", param_init(fan_in_init((2, c.hidden_dim, c.embed_dim), None, 1.0),
-                                                    (None, "mlp", "embed")),
-                        (2, c.hidden_dim, c.embed_dim), pdtype).astype(dtype)
-    linear = self.param("linear", param_init(nn.initializers.normal(c.hidden_dim ** -0.5), ("mlp", "embed")),
-                        (c.hidden_dim, c.embed_dim), pdtype).astype(dtype)
-    gate_up = matmul(GATING_EQN, x, gating)
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), matmul=self.matmul)
+    gating = Einsum((2, c.hidden_dim, c.embed_dim), (None, "mlp", "embed"), weight_name="gating_einsum",
+                    name="gate_up", **kw)
+    nn.share_scope(self, gating)
+    gate_up = gating(GATING_EQN, x)
     hidden = jax.nn.gelu(gate_up[0], approximate=True) * gate_up[1]
-    return matmul(LINEAR_EQN, hidden, linear)
+    linear = Einsum((c.hidden_dim, c.embed_dim), ("mlp", "embed"), weight_name="linear", name="down", **kw)
+    nn.share_scope(self, linear)
+    return linear(LINEAR_EQN, hidden)
 
 
 class Block(nn.Module):
   config: TransformerConfig
   attn_type: AttentionType
   sharding: ShardingContext | None = None
-  packed: bool = False
+  matmul: Matmul = XLA
 
   @nn.compact
   def __call__(self, x, positions, key_pos, segment_ids, cache):
     c = self.config
     norm = lambda name: RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), name=name)
-    h, cache = Attention(c, self.attn_type, self.sharding, self.packed, name="attn")(
+    h, cache = Attention(c, self.attn_type, self.sharding, self.matmul, name="attn")(
         norm("pre_attention_norm")(x), positions, key_pos, segment_ids, cache)
     if c.use_post_attn_norm:
       h = norm("post_attention_norm")(h)
     x = constrain(x + h, RESIDUAL_AXES, self.sharding)
-    h = FeedForward(c, self.packed, name="mlp")(norm("pre_ffw_norm")(x))
+    h = FeedForward(c, self.matmul, name="mlp")(norm("pre_ffw_norm")(x))
     if c.use_post_ffw_norm:
       h = norm("post_ffw_norm")(h)
     return constrain(x + h, RESIDUAL_AXES, self.sharding), cache
@@ -90,18 +92,19 @@ class Transformer(nn.Module):
     return_hidden: return the final-normed hidden states [B, T, D] instead of logits (for chunked losses,
       see `logits_from_hidden`).
 
-  `packed=True` reads params from `pack_params` (f32, CPU, unsharded: the sampler's decoding).
+  `matmul`: the hook every weight product goes through (`layers.Matmul`); the default is XLA's. The sampler
+  passes its own for weights it stores in another form (gemma_jax/sampling/weight_layout.py).
   """
 
   config: TransformerConfig
   sharding: ShardingContext | None = None
-  packed: bool = False
+  matmul: Matmul = XLA
 
   def setup(self):
     c = self.config
-    self.embedder = Embedder(c.vocab_size, c.embed_dim, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), self.packed)
+    self.embedder = Embedder(c.vocab_size, c.embed_dim, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), self.matmul)
     block = _block_class(c.remat)
-    self.layers = [block(c, t, self.sharding, self.packed, name=f"layer_{i}")
+    self.layers = [block(c, t, self.sharding, self.matmul, name=f"layer_{i}")
                    for i, t in enumerate(c.attention_types)]
     self.final_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype))
 
@@ -129,53 +132,10 @@ class Transformer(nn.Module):
     x = self.final_norm(x)
     if return_hidden:
       return x, new_cache
-    logits = soft_cap(self.embedder.decode(x), self.config.final_logit_soft_cap)
+    logits = self.embedder.decode(x, self.config.final_logit_soft_cap)
     return constrain(logits, ("batch", "length", "vocab"), self.sharding), new_cache
 
 
 def logits_from_hidden(hidden: jax.Array, embedding: jax.Array, config: TransformerConfig) -> jax.Array:
   """The output head applied to hidden [..., D] with the table [V', D] (a slice of rows is fine): f32 logits."""
-  logits = jnp.einsum("...D,VD->...V", hidden, embedding.astype(hidden.dtype), preferred_element_type=jnp.float32)
-  return soft_cap(logits, config.final_logit_soft_cap)
-
-
-def few_rows_logits(hidden: jax.Array, embedding: jax.Array, config: TransformerConfig,
-                    packed: bool = False) -> jax.Array:
-  """`logits_from_hidden` for a few rows (decode steps): hidden [B, D] -> f32 logits [B, V], same numbers.
-
-  `packed`: `embedding` is in `pack_params` form; the product goes through the packed kernel.
-
-  Computed vocabulary-major ([V, B], then transposed): for the real 270M head on the 2-core CPU box XLA then
-  picks a 1.7x faster kernel at B = 8 (30 vs 51 ms; equal at B = 1). The barrier keeps XLA from folding the
-  transpose back into the product, which would bring back the slow kernel.
-  """
-  if packed:
-    return soft_cap(packed_matmul.einsum(HEAD_EQN, hidden[:, None], embedding)[:, 0], config.final_logit_soft_cap)
-  logits = jnp.einsum("VD,BD->VB", embedding.astype(hidden.dtype), hidden, preferred_element_type=jnp.float32)
-  return soft_cap(jax.lax.optimization_barrier(logits).T, config.final_logit_soft_cap)
-
-
-# The einsum each matmul weight enters (by parameter name), for `pack_params`.
-WEIGHT_EQNS = {"input_embedding": HEAD_EQN, "q_einsum": Q_EQN, "kv_einsum": KV_EQN, "qkv_einsum": QKV_EQN,
-               "attn_vec_einsum": OUT_EQN, "gating_einsum": GATING_EQN, "linear": LINEAR_EQN}
-
-
-def can_pack(config: TransformerConfig) -> bool:
-  """Whether `Transformer(config, packed=True)` can run here: f32 params and compute, and the kernel built."""
-  f32 = jnp.dtype(config.dtype) == jnp.float32 and jnp.dtype(config.param_dtype) == jnp.float32
-  return f32 and packed_matmul.available()
-
-
-def weight_name(path) -> str | None:
-  """A params leaf's name from its tree path: the module's for an `Einsum` (`.../q_einsum/w` -> 'q_einsum'),
-  else the leaf's own ('input_embedding', 'gating_einsum', 'scale', ...)."""
-  names = [getattr(k, "key", None) for k in path]
-  return names[-2] if names[-1] == "w" and len(names) >= 2 else names[-1]
-
-
-def pack_params(params: dict) -> dict:
-  """Every matmul weight of `params` in `packed_matmul` panels (same tree, same shapes) for `packed=True`."""
-  def pack(path, x):
-    name = weight_name(path)
-    return packed_matmul.pack(WEIGHT_EQNS[name], x) if name in WEIGHT_EQNS else x
-  return jax.tree_util.tree_map_with_path(pack, params)
+  return tied_logits(hidden, embedding, config.final_logit_soft_cap)

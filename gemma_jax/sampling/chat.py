@@ -116,17 +116,14 @@ class ChatSession:
     else:
       ids = self._pending + self.template.render_next_turn(message, tok)
     self.messages.append(message)
-    state = self.sampler.start([ids], max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                               stop=self.stop, state=self._state)
-    self._state = None  # its cache was donated to `state`
-    results: list[Completion] = []
-    interval = 1  # one step per call: text appears as it is sampled, and a stop string feeds nothing extra
-    for deltas in self.sampler._drive(state, [ids], self.max_new_tokens, self.sampling, self.stop, interval,
-                                      results):
+    run = self.sampler.continue_from(self._state, [ids], max_new_tokens=self.max_new_tokens,
+                                     sampling=self.sampling, stop=self.stop, interval=1)
+    self._state = None  # its cache was donated to `run`
+    # one step per call: text appears as it is sampled, and a stop string feeds nothing extra
+    for deltas in run:
       if deltas[0]:
         yield deltas[0]
-    final = self.sampler.final_state
-    reply = results[0]
+    final, reply = run.state, run.completions[0]
     # The last sampled id was never fed: a stop id is dropped (render_next_turn starts with <end_of_turn>),
     # anything else (length, stop string) is fed with the next turn.
     last = int(final.last[0])

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_jax.model.config import TransformerConfig
+from gemma_jax.model.layers import tied_logits
 from gemma_jax.model.transformer import logits_from_hidden
 
 # Default chunk budget: C is chosen so that one chunk of f32 logits [R, C, V] is about this many bytes.
@@ -115,21 +116,12 @@ def naive_token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Ar
 # ---------------------------------------------------------------------------------------------------------
 # The chunked kernel: forward and backward scans with a custom VJP.
 
-def _cap(z: jax.Array, cap: float | None) -> jax.Array:
-  return z if cap is None else jnp.tanh(z / cap) * cap
-
-
-def _chunk_logits(h: jax.Array, e: jax.Array, cap: float | None) -> jax.Array:
-  """h [R, C, D], e [V, D] -> soft-capped f32 logits [R, C, V]."""
-  return _cap(jnp.einsum("RCD,VD->RCV", h, e.astype(h.dtype), preferred_element_type=jnp.float32), cap)
-
-
 def _forward(cap, save_logits, h, y, m, e):
   r = h.shape[1]
 
   def body(sums, xs):
     hc, yc, mc = xs
-    logits = _chunk_logits(hc, e, cap)
+    logits = tied_logits(hc, e, cap)  # [R, C, V]
     lse = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
     sums = sums + jnp.sum(jnp.sum(logits, -1) * mc, -1)
@@ -159,7 +151,7 @@ def _chunked_bwd(cap, save_logits, res, cts):
 
   def body(de_t, xs):
     hc, yc, lsec, gc, saved_logits = xs
-    logits = saved_logits if save_logits else _chunk_logits(hc, e, cap)
+    logits = saved_logits if save_logits else tied_logits(hc, e, cap)
     p = jnp.exp(logits - lsec[..., None])
     onehot = yc[..., None] == jax.lax.broadcasted_iota(jnp.int32, p.shape, 2)
     dlogits = gc[..., None] * (onehot.astype(jnp.float32) - p)  # d logp / d capped logits
