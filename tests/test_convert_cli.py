@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import assert_trees_bitwise_equal, tiny_config
+from helpers import assert_trees_bitwise_equal, tiny_config
 from gemma_jax import checkpoint
 from gemma_jax.convert.detect import detect_format
 from gemma_jax.errors import CheckpointError

@@ -21,7 +21,7 @@ from gemma_jax.convert.safetensors_io import SafetensorsFile
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import TransformerConfig
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3")

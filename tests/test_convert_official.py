@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax.convert.official import infer_config, read_official, write_official
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import PRESETS, TransformerConfig

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax.data import TokenizedSequence, make_sft_batch
 from gemma_jax.model import Transformer, init_params
 from gemma_jax.templates import get_template

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax.errors import ConfigError
 from gemma_jax.model import kv_cache
 from gemma_jax.model.attention import attention_mask

@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax.errors import UserError
 from gemma_jax.model import init_params
 from gemma_jax.sampling import Sampler

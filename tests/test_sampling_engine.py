@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax.kernels import packed_matmul
 from gemma_jax.model import Transformer, init_cache, init_params
 from gemma_jax.sampling import Sampler, SamplingParams

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax import integrity
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model import ShardingContext, init_params, make_mesh, param_shardings

@@ -234,7 +234,7 @@ def test_other_objectives_train(ws, tmp_path, objective):
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(ws, tmp_path, tiny_tokenizer):
-  from conftest import tiny_config
+  from helpers import tiny_config
   from gemma_jax.model import init_params
   small = tiny_config("gemma3", num_layers=2, vocab_size=200, embed_dim=32, hidden_dim=64, head_dim=8,
                       query_pre_attn_scalar=8)
@@ -289,7 +289,7 @@ def test_a_mostly_skipped_run_fails_and_writes_no_final_model(ws, tmp_path, monk
 
 
 def test_resuming_another_models_run_is_refused_and_keeps_it(ws, tmp_path, tiny_tokenizer):
-  from conftest import tiny_config
+  from helpers import tiny_config
   from gemma_jax.model import init_params
   workdir = str(tmp_path / "run")
   train(run_config(ws, num_steps=2, **{"data.eval": ""}), workdir)

@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax.model import ShardingContext, Transformer, init_params, make_mesh, param_shardings
 from gemma_jax.model.params import param_shapes
 from gemma_jax.training import optim, state as state_lib, step as step_lib

@@ -16,7 +16,7 @@ WORDS = ("the capital of france is paris . a model answers questions about citie
 
 def write_tiny_checkpoint(path: str, tokenizer, *, seed: int = 0) -> str:
   """A random tiny Gemma 3 (2 layers, the tokenizer's 300-piece vocabulary) in our checkpoint format, kind PT."""
-  from conftest import tiny_config
+  from helpers import tiny_config
   from gemma_jax import checkpoint
   from gemma_jax.model import init_params
   config = tiny_config("gemma3", num_layers=2, vocab_size=tokenizer.vocab_size, embed_dim=32, hidden_dim=64,

@@ -5,10 +5,10 @@
 Unless they are small, the full f32 logits [R, T, V] are never materialized: a `lax.scan` walks over chunks
 of C positions and keeps only [R, C, V] alive; the backward pass (a custom VJP) walks the chunks again,
 recomputing each chunk's logits from the saved hidden states, and accumulates the embedding gradient [V, D] in
-its carry. Peak memory is set by the chunk, not by T or V (tests/test_logprobs.py checks the compiled memory
-analysis). When all the logits fit `max_saved_bytes` (small batches, CPU runs), one chunk is computed and kept
-for the backward pass instead: one head matmul fewer and large GEMMs (on the 2-core CPU box, ORPO's head
-forward + backward on [8, 131] rows of the real 270M takes 7.6 s this way against 14.2 s in 256 MB chunks).
+its carry. Peak memory is set by the chunk, not by T or V (tests/test_training_logprobs.py checks the
+compiled memory analysis). When all the logits fit `max_saved_bytes` (small batches, CPU runs), one chunk is
+computed and kept for the backward pass instead: one head matmul fewer and large GEMMs (about twice as fast
+for ORPO on the real 270M on CPU; docs/DESIGN.md).
 
 Chunks run along the sequence axis so every chunk keeps the batch axis (R) and the vocabulary axis (V) whole:
 under a mesh, the batch stays sharded over data/fsdp and the vocabulary over tensor, and XLA's SPMD partitioner

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.params import init_params
 from gemma_jax.model.transformer import Transformer

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax.model.params import init_params
 from gemma_jax.model.transformer import Transformer
 from gemma_jax.training.logprobs import (chunk_positions, fill_positions, model_logprobs, naive_token_logprobs,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sentencepiece import sentencepiece_model_pb2 as pb
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax.convert.gguf import _Metadata, config_from_metadata, dequantize_tensor, read_gguf, read_gguf_tokenizer
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import ARCH_FIELDS, TransformerConfig, same_architecture

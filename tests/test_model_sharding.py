@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_config
+from helpers import tiny_config
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.params import count_params, init_params, make_init, param_shapes, param_shardings

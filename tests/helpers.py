@@ -1,0 +1,36 @@
+"""Test helpers (plain functions, imported by the tests): tiny configs for every family, bitwise tree equality."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gemma_jax.model.config import TransformerConfig
+from gemma_jax.model.params import flatten
+
+
+def tiny_config(family: str, **overrides) -> TransformerConfig:
+  """A small model of `family` with every feature that family has switched on."""
+  base = dict(num_layers=4, embed_dim=48, hidden_dim=96, num_heads=4, num_kv_heads=2, head_dim=16,
+              vocab_size=128, query_pre_attn_scalar=16, max_seq_len=256)
+  if family == "gemma2":
+    base.update(sliding_window_size=6, attn_logits_soft_cap=5.0, final_logit_soft_cap=3.0,
+                use_post_attn_norm=True, use_post_ffw_norm=True, query_pre_attn_scalar=24)
+  elif family == "gemma3":
+    base.update(num_layers=7, sliding_window_size=6, use_post_attn_norm=True, use_post_ffw_norm=True,
+                use_qk_norm=True, global_base_frequency=1_000_000.0, global_scale_factor=8.0,
+                query_pre_attn_scalar=20)
+  base.update(overrides)
+  return TransformerConfig(family=family, **base)
+
+
+def assert_trees_bitwise_equal(a, b) -> None:
+  """Same flat names, dtypes and bits (so -0.0 != 0.0 and NaN payloads count)."""
+  def bits(x):
+    x = np.asarray(x)
+    return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+  fa, fb = flatten(a), flatten(b)
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
+    np.testing.assert_array_equal(bits(fa[k]), bits(fb[k]), err_msg=k)
