@@ -138,9 +138,12 @@ def infer_kind(path: str) -> str:
 
 
 def marked_text(ids: Sequence[int], target: Sequence[bool], tokenizer: Tokenizer) -> str:
-  """ids [T] as text, each run of target tokens (target [T]) inside MARK; special tokens as their pieces."""
+  """ids [T] as text, each run of target tokens (target [T]) inside MARK; special tokens spelled out."""
+  from gemma_jax.tokenizer import END_OF_TURN, START_OF_TURN
   sp = tokenizer.special
-  specials = {i for i in (sp.pad, sp.eos, sp.bos, sp.start_of_turn, sp.end_of_turn) if i is not None and i >= 0}
+  named = {sp.pad: "<pad>", sp.eos: "<eos>", sp.bos: "<bos>", sp.start_of_turn: START_OF_TURN,
+           sp.end_of_turn: END_OF_TURN}  # by role: a tokenizer may spell its bos "<s>"
+  specials = {i: piece for i, piece in named.items() if i is not None and i >= 0}
   out, start = [], 0
   for end in range(1, len(ids) + 1):
     if end == len(ids) or bool(target[end]) != bool(target[start]):
@@ -150,14 +153,14 @@ def marked_text(ids: Sequence[int], target: Sequence[bool], tokenizer: Tokenizer
   return "".join(out)
 
 
-def _text(ids: list[int], tokenizer: Tokenizer, specials: set[int]) -> str:
+def _text(ids: list[int], tokenizer: Tokenizer, specials: dict[int, str]) -> str:
   parts, run = [], []
   for i in ids + [None]:
     if (i is None or i in specials) and run:
       parts.append(tokenizer.decode(run))
       run = []
     if i in specials:
-      parts.append(tokenizer.id_to_piece(i))
+      parts.append(specials[i])
     elif i is not None:
       run.append(i)
   return "".join(parts)
