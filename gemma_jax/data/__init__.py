@@ -6,8 +6,7 @@
     it = data.DataIterator(prepared, batch_size=8, seed=0)
     batch = next(it)   # tokens/input_mask/target_mask/nll_mask [2B, T]
 
-Validate a file from the shell: `python -m gemma_jax.data.inspect FILE --template=gemma3 --tokenizer=real
---kind=preference`.
+Validate a file from the shell, as training would see it: `python -m gemma_jax.data.inspect FILE [--show=2]`.
 """
 
 from gemma_jax.data.batching import (length_buckets, make_preference_batch, make_sft_batch, pad_rows,
