@@ -3,7 +3,8 @@
     read_hf(dir) -> Imported        config.json + safetensors (single, or sharded with an index), tokenizer.model,
                                     chat template; tensor by tensor (lazy), never unpickling anything
     write_hf(dir, config, params)   safetensors (5 GB shards) + config.json + generation_config.json
-                                    (+ tokenizer.model, tokenizer_config.json), atomically
+                                    (+ tokenizer.model, tokenizer.json, tokenizer_config.json,
+                                    special_tokens_map.json, chat_template.jinja), atomically
 
 The pieces: `hf_config` (config.json), `hf_names` (the name map and its transforms), `safetensors_io` (the
 files). Embedding rows: HF Gemma 1/2 has 256000 rows where the official Flax checkpoints have 256128; HF
@@ -26,6 +27,7 @@ from gemma_jax.convert.common import Imported, read_json_object
 from gemma_jax.convert.detect import PICKLE_SUFFIXES
 from gemma_jax.convert.hf_config import config_from_hf, config_to_hf, hf_vocab_rows
 from gemma_jax.convert.hf_names import hf_shapes, lm_prefix, names_in_order, params_from_hf, params_to_hf
+from gemma_jax.convert.hf_tokenizer import write_tokenizer_files
 from gemma_jax.convert.safetensors_io import ST_CODES, SafetensorsFile, write_safetensors
 from gemma_jax.errors import CheckpointError, UserError
 from gemma_jax.model.config import DTYPES, TransformerConfig
@@ -203,14 +205,7 @@ def write_hf(path: str, config: TransformerConfig, params: Mapping[str, Any], to
            "pad_token_id": sp.pad if sp else 0}
     _dump_json(os.path.join(tmp, "generation_config.json"), gen)
     if tokenizer is not None:
-      tokenizer.save(os.path.join(tmp, "tokenizer.model"))
-      tc = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
-            "bos_token": tokenizer.id_to_piece(sp.bos), "eos_token": tokenizer.id_to_piece(sp.eos),
-            "unk_token": tokenizer.id_to_piece(sp.unk), "pad_token": tokenizer.id_to_piece(sp.pad),
-            "model_max_length": config.max_seq_len, "padding_side": "left"}
-      if chat_template is not None:
-        tc["chat_template"] = chat_template
-      _dump_json(os.path.join(tmp, "tokenizer_config.json"), tc)
+      write_tokenizer_files(tmp, tokenizer, chat_template, max_len=config.max_seq_len)
     elif chat_template is not None:
       with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as f:
         f.write(chat_template)
