@@ -4,7 +4,8 @@
     python -m sample.chat                                  # the real Gemma 3 270M (PT: it warns, see below)
 
 Type a message and press enter; `/reset` starts a new conversation, `/quit` (or end of input) leaves.
-Replies stream to stdout; logs go to stderr. The checkpoint's saved chat template is used
+Replies stream to stdout; what was loaded and warnings go to stderr (library logs to
+~/.cache/gemma_jax/logs/chat.log, on stderr too with `--verbosity=1`). The checkpoint's saved chat template is used
 (`--template=auto`); another name warns, or fails with `--strict_template`. A pretrained (PT) checkpoint
 has never seen the chat template: it prints a warning and continues text instead of answering.
 """
@@ -25,7 +26,9 @@ flags.adopt_module_key_flags(common_flags)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from gemma_jax import console
   from gemma_jax.errors import run_main
+  console.setup(console.log_path("chat"))
   run_main(_run)
 
 

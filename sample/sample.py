@@ -5,7 +5,9 @@
     python -m sample.sample --prompts_file=prompts.txt --temperature=0.8 --top_p=0.95 --output_format=jsonl
 
 The continuation alone goes to stdout (one per prompt, or one JSON object per line with
-`--output_format=jsonl`); logs go to stderr. `--template=auto` uses the checkpoint's saved chat template for
+`--output_format=jsonl`); what was loaded, the template, warnings and timings go to stderr. Library logs
+(orbax, jax) go to ~/.cache/gemma_jax/logs/sample.log ($GEMMA_JAX_CACHE/logs); `--verbosity=1` shows them
+on stderr too. `--template=auto` uses the checkpoint's saved chat template for
 an instruction-tuned checkpoint and plain completion for a pretrained (PT) one; `none` is plain completion
 (BOS + text); a name (gemma, gemma3) forces that template. `--temperature=0` is greedy.
 """
@@ -37,8 +39,17 @@ flags.adopt_module_key_flags(common_flags)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from gemma_jax import console
   from gemma_jax.errors import run_main
+  console.setup(console.log_path("sample"))
   run_main(_run)
+
+
+def pt_completion_warning(family_template: str) -> str:
+  """The one line said when `--template=auto` samples a PT checkpoint: plain completion, not an answer."""
+  return ("this is a pretrained (PT) checkpoint doing plain completion: it continues the text, it does not "
+          "answer it. To chat, use an instruction-tuned (IT) checkpoint or fine-tune this one with the chat "
+          f"template; --template={family_template} forces the template, --template=none silences this.")
 
 
 def _read_prompts() -> list[str]:
@@ -77,7 +88,11 @@ def _run():
   if common_flags.SYSTEM.value:  # plain completion would drop it silently
     check_system(template, common_flags.SYSTEM.value, tok, what="--system")
   if template is None:
-    logging.info("plain completion (BOS + prompt text)%s", " of a PT checkpoint" if ck.kind == "pt" else "")
+    if ck.kind == "pt" and _TEMPLATE.value == "auto":  # chat-like prompts get a continuation: say so
+      from gemma_jax.templates import template_for_family
+      logging.warning(pt_completion_warning(template_for_family(ck.config.family).name))
+    else:
+      logging.info("plain completion (BOS + prompt text)%s", " of a PT checkpoint" if ck.kind == "pt" else "")
   else:
     logging.info("chat template %r", template.name)
     if pt_warning(ck.kind):

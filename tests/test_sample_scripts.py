@@ -15,9 +15,10 @@ from helpers import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(module, *args, stdin=None, timeout=600):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
+def _run(module, *args, stdin=None, timeout=600, env=None):
+  """env: replaces JAX_PLATFORMS=cpu (None values remove a variable)."""
+  env = {"JAX_PLATFORMS": "cpu", **(env or {})}
+  env = {k: v for k, v in {**os.environ, **env}.items() if k != "XLA_FLAGS" and v is not None}
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, input=stdin, capture_output=True,
                         text=True, timeout=timeout, env=env)
 
@@ -68,6 +69,35 @@ def test_sample_stdout_is_the_continuation(tiny_ckpt, tiny_tokenizer, tmp_path):
                     sampling=SamplingParams(temperature=0.9, top_k=20, seed=3))
   assert r.stdout == want[0].text + "\n"
   assert "plain completion" in r.stderr
+
+
+PT_LINE = "this is a pretrained (PT) checkpoint doing plain completion"
+
+
+def test_sample_console_is_short_and_pt_says_so(tiny_ckpt, tmp_path):
+  """stderr: what was loaded, the template, the PT line once; orbax's and jax's INFO records (the backend
+  probe too: JAX_PLATFORMS unset) go to the log file, and to stderr with --verbosity=1."""
+  cache = str(tmp_path / "cache")
+  env = {"JAX_PLATFORMS": None, "GEMMA_JAX_CACHE": cache}
+  r = _run("sample.sample", f"--ckpt={tiny_ckpt['pt']}", "--prompt=Why is the sky blue?", "--max_new_tokens=3",
+           env=env)
+  assert r.returncode == 0, r.stderr
+  lines = r.stderr.splitlines()
+  assert len(lines) < 15 and "orbax" not in r.stderr.lower(), r.stderr
+  assert "Unable to initialize backend" not in r.stderr
+  assert [x for x in lines if PT_LINE in x] == [f"warning: {x.removeprefix('warning: ')}" for x in lines
+                                                if PT_LINE in x] and r.stderr.count(PT_LINE) == 1, r.stderr
+  assert "--template=gemma3" in r.stderr and "instruction-tuned (IT)" in r.stderr
+  log = os.path.join(cache, "logs", "sample.log")
+  assert "sample.log" in _run("sample.sample", "--help").stdout
+  text = open(log, encoding="utf-8").read()
+  assert "Restoring checkpoint" in text and "gemma_jax " in text
+
+  r = _run("sample.sample", f"--ckpt={tiny_ckpt['it']}", "--prompt=Why is the sky blue?", "--max_new_tokens=3",
+           "--verbosity=1", env=env)
+  assert r.returncode == 0, r.stderr
+  assert "Restoring checkpoint" in r.stderr and PT_LINE not in r.stderr and "chat template 'gemma3'" in r.stderr
+  assert "Restoring checkpoint" in open(log, encoding="utf-8").read()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -7,14 +7,16 @@ Any config field can be overridden with `--config.<field>=value`. Running the sa
 work directory resumes from the latest run checkpoint. Multi-host: start one process per host with
 `--coordinator_address=host0:1234 --num_processes=N --process_id=i` (or JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID; TPU pods and SLURM are detected). The trained model lands in
-`<workdir>/final` (our checkpoint format): `python -m sample.sample --ckpt=<workdir>/final`.
+`<workdir>/final` (our checkpoint format): `python -m sample.sample --ckpt=<workdir>/final`. Progress,
+metrics and warnings go to the console; library logs (orbax, jax) to `<workdir>/log.txt` (`log.<i>.txt` on
+process i > 0) once the run holds its work directory; `--verbosity=1` shows them on the console too.
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from gemma_jax import cli
 
@@ -32,8 +34,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; pass --verbosity=0 to see it
+  from gemma_jax import console
+  console.setup(None)  # the log file waits for the work directory (see _log_to_workdir)
   from gemma_jax.errors import run_main
   run_main(_run)
 
@@ -45,6 +47,7 @@ def _run():
   import jax
   import gemma_jax
   from gemma_jax.training.loop import train
+  _log_to_workdir(_WORKDIR.value, jax.process_index())
   if jax.process_index() == 0:
     print(f"gemma_jax {gemma_jax.__version__}, jax {jax.__version__}; {jax.process_count()} process(es), "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
@@ -54,6 +57,30 @@ def _run():
       print(f"stopped at step {result.step}; resume with the same command", flush=True)
     else:
       print(f"done: step {result.step}; model saved to {result.final_dir}", flush=True)
+
+
+def _log_to_workdir(workdir: str, process: int) -> None:
+  """Library logs to <workdir>/log.txt, appended, from the moment this run holds the work directory (it wrote
+  config.json, and on process 0 the lock names it): a refused run leaves no file in someone else's run."""
+  import json
+  import time
+  from gemma_jax import console
+  from gemma_jax.training.workdir import CONFIG_FILE, LOCK_FILE
+  config_written = console.written_since(os.path.join(workdir, CONFIG_FILE), time.time())
+
+  def holds_workdir() -> bool:
+    if not config_written():
+      return False
+    if process:
+      return True
+    try:
+      with open(os.path.join(workdir, LOCK_FILE)) as f:
+        return json.load(f).get("pid") == os.getpid()
+    except (OSError, ValueError, AttributeError):
+      return False
+
+  console.setup(os.path.join(workdir, "log.txt" if process == 0 else f"log.{process}.txt"), ready=holds_workdir,
+                mode="a")
 
 
 if __name__ == "__main__":

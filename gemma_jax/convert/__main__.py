@@ -7,7 +7,8 @@ The source format is detected (`detect.py`): our checkpoint, a transformers Gemm
 Flax checkpoint or a GGUF file (`run.convert` does the work). Flags and the destination's directory are
 checked before the source is read. The destination is written atomically: a failure or Ctrl-C leaves nothing
 at `--dst`. User errors print one line `error: ...` and exit with status 1; Ctrl-C prints one line and exits
-with status 130.
+with status 130. Library logs (orbax, jax) go to ~/.cache/gemma_jax/logs/convert.log ($GEMMA_JAX_CACHE/logs);
+`--verbosity=1` shows them on stderr too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import threading
 from typing import NoReturn
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from gemma_jax.convert.run import _say, convert, identity, partial_outputs, undo_partial_write
 from gemma_jax.errors import UserError, run_main
@@ -94,8 +95,8 @@ def _exit_interrupted(line: str, stderr_fd: int | None) -> NoReturn:
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and jax log every step at INFO
+  from gemma_jax import console
+  console.setup(console.log_path("convert"))  # orbax and jax log every step at INFO
   if not _SRC.value or not _DST.value:
     raise UserError("both --src=PATH and --dst=PATH are required, e.g. "
                     "python -m gemma_jax.convert --src=gemma-3-270m --dst=gemma-3-270m-jax")
