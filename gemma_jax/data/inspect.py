@@ -229,6 +229,8 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _main(argv: Sequence[str]) -> int:
+  from gemma_jax import console
+  console.setup(console.log_path("inspect"))  # library lines (tokenizer, real-model cache) go to the file
   return run_main(main, argv)
 
 
