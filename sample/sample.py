@@ -105,7 +105,8 @@ def _run():
     batch = rows[b0:b0 + batch_size]
     on_text = (lambda i, d: (sys.stdout.write(d), sys.stdout.flush())) if stream else None
     results = sampler.generate(batch, max_new_tokens=max_new, sampling=sampling, stop_ids=stop_ids,
-                               stop_strings=common_flags.STOP.value, on_text=on_text)
+                               stop_strings=common_flags.STOP.value, on_text=on_text,
+                               batch_size=min(batch_size, len(rows)))  # a short last batch: padded
     t = sampler.last_timing
     logging.info("batch of %d: prefill %.2fs, %d decode steps in %.2fs", len(batch), t.get("prefill_s", 0),
                  t.get("decode_steps", 0), t.get("decode_s", 0))

@@ -229,6 +229,32 @@ def test_synthetic_roundtrip(tmp_path, family, tiny_tokenizer_proto, tiny_tokeni
   assert read_gguf_tokenizer(tmp_path / "m.gguf") == tok
 
 
+def test_progress_bar_counts_every_tensor(tmp_path, monkeypatch, tiny_tokenizer_proto):
+  """The reading bar has a total (the file's tensor count, the embedding included) and ends at it."""
+  from gemma_jax.convert import gguf as gguf_lib
+  bars = []
+
+  class RecordingBar:
+    def __init__(self, total=None, **kw):
+      self.total, self.n = total, 0
+      bars.append(self)
+
+    def update(self, n=1):
+      self.n += n
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(gguf_lib, "progress_bar", RecordingBar)
+
+  config = _family_case("gemma3")
+  write_gemma_gguf(tmp_path / "m.gguf", config, _params(config), tiny_tokenizer_proto)
+  read_gguf(tmp_path / "m.gguf")
+  n_tensors = len(gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors)
+  assert n_tensors > config.num_layers + 2
+  assert len(bars) == 1 and bars[0].total == n_tensors and bars[0].n == n_tensors
+
+
 def test_quantized_and_half_tensors(tmp_path):
   config = _family_case("gemma3").replace(embed_dim=64)  # Q8_0 blocks are 32 wide
   params = _params(config, 3)

@@ -127,6 +127,33 @@ def test_compilations_are_bucketed(g3):
   assert program.TRACE_COUNTS["extend"] - before.get("extend", 0) <= 1
 
 
+def test_short_last_batch_is_padded_to_the_batch_size(g3):
+  """10 prompts at batch size 8: the last 2 run as 8 rows, so prefill and decode are traced once, and every
+  completion (and every streamed delta, at its global row) is what the unpadded batches give."""
+  import collections
+  s = Sampler(g3.config, g3.params, g3.tokenizer, prefill_chunk=16, min_cache=256)  # shapes no other test has
+  prompts = [[2] + [5 + (7 * i + j) % 250 for j in range(1 + i % 5)] for i in range(10)]
+  before = collections.Counter(program.TRACE_COUNTS)
+  out = s.generate(prompts, max_new_tokens=6, stop_ids=(), batch_size=8)
+  assert dict(collections.Counter(program.TRACE_COUNTS) - before) == {"prefill": 1, "decode": 1}
+  unpadded = s.generate(prompts[:8], max_new_tokens=6, stop_ids=()) + s.generate(
+      prompts[8:], max_new_tokens=6, stop_ids=())
+  assert dict(collections.Counter(program.TRACE_COUNTS) - before) == {"prefill": 2, "decode": 2}  # batch 2
+  assert len(out) == 10
+  for got, want in zip(out, unpadded):
+    assert (got.tokens, got.text, got.prompt_tokens, got.stop_reason) == (
+        want.tokens, want.text, want.prompt_tokens, want.stop_reason)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+  texts = collections.defaultdict(str)
+  streamed = s.generate(prompts, max_new_tokens=6, stop_ids=(), batch_size=8,
+                         on_text=lambda i, d: texts.__setitem__(i, texts[i] + d))
+  assert [c.tokens for c in streamed] == [c.tokens for c in out]
+  assert [texts[i] for i in range(10)] == [c.text for c in out] and set(texts) <= set(range(10))
+  stop = out[9].tokens[2]  # a row that stops early (the fillers never hold the batch back)
+  early = s.generate(prompts, max_new_tokens=6, stop_ids=(stop,), batch_size=8)
+  assert early[9].stop_reason == "stop_id" and early[9].tokens == out[9].tokens[:out[9].tokens.index(stop)]
+
+
 def test_seed_reproducible(g3):
   import dataclasses
   a = g3.generate([[2, 270, 271], [2, 280]], max_new_tokens=20, sampling=SAMPLE, stop_ids=())

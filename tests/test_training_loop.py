@@ -362,3 +362,28 @@ def test_a_signal_while_reading_data_stops_after_the_last_step(ws, tmp_path, mon
   b = checkpoint.load(done.final_dir).params
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_what_a_run_writes_and_its_size(ws, tmp_path):
+  """The default keeps one run checkpoint; final/ and best/ hold params only (no Adam moments): their tensors
+  take about the params' bytes, a run checkpoint about 3x (params + two moments)."""
+  from gemma_jax.training.run_config import default_config
+  assert default_config().checkpoint.keep == 1
+  workdir = str(tmp_path / "run")
+  train(run_config(ws, **{"num_steps": 4, "checkpoint.keep": 1, "eval.every": 2}), workdir)
+  names = set(os.listdir(workdir))
+  assert {"checkpoints", "final", "best", "metrics.jsonl", "config.json"} <= names
+  assert any(n.startswith("events.out.tfevents.") for n in names)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
+  params = checkpoint.load(os.path.join(workdir, "final")).params
+  param_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+  final = _dir_bytes(os.path.join(workdir, "final", "params"))
+  best = _dir_bytes(os.path.join(workdir, "best", "params"))
+  run = _dir_bytes(os.path.join(workdir, "checkpoints", "4"))
+  # with the moments they would take >= 3x (the rest is orbax's metadata and the checksums, ~60 KB)
+  assert param_bytes <= final < 2 * param_bytes and param_bytes <= best < 2 * param_bytes
+  assert run >= 3 * param_bytes

@@ -65,6 +65,7 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
     if t is None:
       raise CheckpointError(f"{path}: tensor {name!r} is missing (the config from the metadata needs it)")
     w = dequantize_tensor(t, path)
+    bar.update(1)
     if not np.isfinite(w).all():
       raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is corrupt")
     if w.shape != shape:
@@ -77,8 +78,10 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
                          c.vocab_size)
   cast = lambda w: np.ascontiguousarray(w.astype(np_dtype, copy=False))
   norm = lambda name, n: {"scale": cast(take(name, (n,)) - 1.0)}
+  # One tick per tensor of the file (every one is read or refused), the embedding (the largest) included.
+  bar = progress_bar(total=len(tensors), desc=f"reading {os.path.basename(path)}", unit="tensor",
+                     disable=not progress)
   params: dict[str, Any] = {"embedder": {"input_embedding": cast(take("token_embd.weight", (V, D)))}}
-  bar = progress_bar(total=L, desc=f"reading {os.path.basename(path)}", unit="layer", disable=not progress)
   for i in range(L):
     b = f"blk.{i}."
     q = take(b + "attn_q.weight", (N * H, D)).reshape(N, H, D).transpose(0, 2, 1)  # [N, D, H]
@@ -107,9 +110,8 @@ def read_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
         continue
       layer[dst] = norm(b + src + ".weight", D)
     params[f"layer_{i}"] = layer
-    bar.update(1)
-  bar.close()
   params["final_norm"] = norm("output_norm.weight", D)
+  bar.close()
   if tensors:
     raise CheckpointError(f"{path}: unexpected tensors {sorted(tensors)[:5]} for a {arch} model with "
                           f"{L} layers; the file does not match its metadata")

@@ -189,17 +189,23 @@ class Sampler:
 
   def stream(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
              sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
-             stop_strings: Sequence[str] = (), add_bos: bool = True, interval: int = 1) -> Stream:
+             stop_strings: Sequence[str] = (), add_bos: bool = True, interval: int = 1,
+             pad_to: int | None = None) -> Stream:
     """A `Stream` of `prompts`' completions: iterated, it yields every `interval` decode steps one text delta
     per row (possibly empty); then `completions` and `state` are set.
 
     Deltas never split a multi-byte character and stop at the stop (token or string). Nothing runs before the
-    iteration starts.
+    iteration starts. pad_to: run fewer prompts as `pad_to` rows (one-token filler rows, stopped at once,
+    with no delta and no completion), so a short last batch reuses the programs compiled for full ones.
     """
     def steps():
       rows = self.encode_prompts(prompts, add_bos)
       stop = self._stop_rules(stop_ids, stop_strings)
-      state = self.start(rows, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
+      fill = max(0, (pad_to or 0) - len(rows))
+      state = self.start(rows + [rows[-1][-1:]] * fill, max_new_tokens=max_new_tokens, sampling=sampling,
+                         stop=stop)
+      if fill:  # fillers are done: they decode nothing, and _steps sees the real rows only
+        state = state._replace(done=state.done.at[len(rows):].set(True))
       return (yield from self._steps(state, rows, max_new_tokens, sampling, stop, interval))
     return Stream(steps())
 
@@ -288,20 +294,30 @@ class Sampler:
   def generate(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
                sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
                stop_strings: Sequence[str] = (), add_bos: bool = True,
-               on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+               on_text: Callable[[int, str], None] | None = None,
+               batch_size: int | None = None) -> list[Completion]:
     """Completes each prompt (text, or token ids used as given). One `Completion` per prompt.
 
     Stops a row on `stop_ids` (default: eos and end_of_turn) and `stop_strings`. `on_text(row, delta)` is
     called as text is produced (streaming); without it and without stop strings the whole decode is one
-    call of the jitted loop.
+    call of the jitted loop. batch_size: run the prompts in batches of that many rows (at most as many as
+    there are prompts), a short last batch padded to it (one compiled program for all); None: all prompts in
+    one batch. Each batch starts from `sampling.seed`.
     """
+    if batch_size is not None and batch_size < 1:
+      raise UserError(f"batch_size={batch_size}: must be >= 1")
     stream = on_text is not None
     interval = 1 if stream else (8 if stop_strings else max_new_tokens)
-    run = self.stream(prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
-                      stop_strings=stop_strings, add_bos=add_bos, interval=interval)
-    for deltas in run:
-      if stream:
-        for i, d in enumerate(deltas):
-          if d:
-            on_text(i, d)
-    return run.completions
+    size = max(1, min(batch_size or len(prompts), len(prompts)))
+    out: list[Completion] = []
+    for b0 in range(0, len(prompts), size):
+      run = self.stream(prompts[b0:b0 + size], max_new_tokens=max_new_tokens, sampling=sampling,
+                        stop_ids=stop_ids, stop_strings=stop_strings, add_bos=add_bos, interval=interval,
+                        pad_to=size)
+      for deltas in run:
+        if stream:
+          for i, d in enumerate(deltas):
+            if d:
+              on_text(b0 + i, d)
+      out += run.completions
+    return out

@@ -9,8 +9,8 @@ The starting model is `start.py`, the loss of each objective `objectives.py`, an
 Work directory:
     config.json          the run config
     metrics.jsonl        one JSON line per logged step and per evaluation
-    events.*             TensorBoard event files (tensorboardX)
-    checkpoints/<step>/  run checkpoints (train state + data-iterator state), the latest `checkpoint.keep`
+    events.*             TensorBoard event files (the tensorboard extra, tensorboardX)
+    checkpoints/<step>/  run checkpoints (train state + data-iterator state), the latest `checkpoint.keep` (1)
     best/                the best model by eval loss (our checkpoint format)
     final/               the trained model (our format: config, tokenizer, template): `sample.sample --ckpt=`
 

@@ -1,4 +1,5 @@
-"""Metrics of a run: `metrics.jsonl` (one JSON row per logged step and per evaluation) and TensorBoard events.
+"""Metrics of a run: `metrics.jsonl` (one JSON row per logged step and per evaluation) and TensorBoard events
+(when the `tensorboard` extra, tensorboardX, is installed).
 
 Written by process 0 only. On resume from step s, rows after s (from steps that will run again) are dropped, and
 an evaluation already logged for a step is not logged twice.
@@ -39,6 +40,25 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
   return rows
 
 
+TENSORBOARD_HINT = ('note: no TensorBoard events (tensorboardX is not installed); metrics.jsonl has every '
+                    'metric, `python -m train.plot --workdir=...` draws them; for TensorBoard: '
+                    'pip install -e ".[tensorboard]"')
+_hinted = False
+
+
+def _tensorboard_writer(workdir: str):
+  """tensorboardX's SummaryWriter, or None (said once per process) when it is not installed (an extra)."""
+  global _hinted
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    if not _hinted:
+      print(TENSORBOARD_HINT, flush=True)
+      _hinted = True
+    return None
+  return SummaryWriter(workdir)
+
+
 class MetricsWriter:
   """Appends rows to metrics.jsonl and scalars (and text) to TensorBoard; `resume_step` trims a resumed file."""
 
@@ -58,8 +78,7 @@ class MetricsWriter:
       os.replace(tmp, self.path)
       self.eval_rows = {r["step"]: r for r in rows if _is_eval(r)}
     self._file = open(self.path, "a")
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(workdir)
+    self._tb = _tensorboard_writer(workdir)
 
   def write(self, step: int, metrics: dict[str, Any], text: dict[str, str] | None = None) -> None:
     if not self.primary:
@@ -69,6 +88,8 @@ class MetricsWriter:
     self._file.flush()
     if _is_eval(row):
       self.eval_rows[int(step)] = row
+    if self._tb is None:
+      return
     for k, v in metrics.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
@@ -79,4 +100,5 @@ class MetricsWriter:
   def close(self) -> None:
     if self.primary:
       self._file.close()
-      self._tb.close()
+      if self._tb is not None:
+        self._tb.close()

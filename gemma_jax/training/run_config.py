@@ -89,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
   # --- checkpoints, evaluation, logging --------------------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500  # steps between run checkpoints (also written on SIGTERM / SIGINT)
-  c.checkpoint.keep = 3  # run checkpoints kept (the latest ones)
+  c.checkpoint.keep = 1  # run checkpoints kept (the latest ones); each holds params + 2 Adam moments (3x params)
   c.checkpoint.async_save = True
   c.checkpoint.keep_best = True  # also write <workdir>/best (our format) when the eval loss improves
   c.checkpoint.verify = True  # check every tensor's checksum when restoring (False: faster, unchecked)
