@@ -1,5 +1,7 @@
-"""Evaluation during a run: the mean loss and metrics over the held-out batches, greedy samples of held-out
-prompts, and the best model (by eval loss) written to <workdir>/best in our checkpoint format."""
+"""Evaluation during a run: the loss and metrics of every held-out example (each scored alone, the mean over
+examples; the last batch padded with empty pairs that count for nothing), greedy samples of held-out prompts
+and their stop rate, a progress bar and a one-line console summary, and the best model (by eval loss)
+written to <workdir>/best in our checkpoint format."""
 
 from __future__ import annotations
 
