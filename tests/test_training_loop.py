@@ -91,27 +91,28 @@ def test_train_end_to_end(ws, tmp_path):
 
   rows = read_metrics(workdir)
   train_rows = [r for r in rows if "loss" in r]
-  eval_rows = [r for r in rows if "eval/loss" in r]
+  eval_rows = [r for r in rows if "eval_loss" in r]
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
   for r in train_rows:
-    for k in ("loss", "nll_loss", "log_odds_ratio", "rewards/accuracies", "rewards/margins", "lr", "grad_norm",
-              "tokens_per_s"):
+    for k in ("loss", "nll_loss", "log_odds_ratio", "rewards/accuracies", "rewards/margins", "learning_rate", "grad_norm",
+              "tokens_per_s", "epoch"):
       assert np.isfinite(r[k]), k
   # warmup ceil(0.2 * 6) = 2 steps, then cosine over 4
-  np.testing.assert_allclose([r["lr"] for r in train_rows], [0, 5e-3, 1e-2, 1e-2 * (0.5 + 0.5 * np.cos(np.pi / 4)),
+  np.testing.assert_allclose([r["learning_rate"] for r in train_rows], [0, 5e-3, 1e-2, 1e-2 * (0.5 + 0.5 * np.cos(np.pi / 4)),
                                                             5e-3, 1e-2 * (0.5 + 0.5 * np.cos(3 * np.pi / 4))],
                              rtol=1e-6, atol=1e-12)
   assert [r["step"] for r in eval_rows] == [3, 6]
   for r in eval_rows:
-    assert 0.0 <= r["eval/rewards/accuracies"] <= 1.0 and np.isfinite(r["eval/rewards/margins"])
-    (sample,) = r["eval/samples"]
+    assert 0.0 <= r["eval_rewards/accuracies"] <= 1.0 and np.isfinite(r["eval_rewards/margins"])
+    assert r["eval_examples"] == 8 and r["eval_runtime"] > 0 and r["eval_stop_rate"] in (0.0, 1.0)
+    (sample,) = r["eval_greedy_samples"]
     assert sample["prompt"].startswith("<start_of_turn>user\n") and isinstance(sample["completion"], str)
   assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # it learns (lr 1e-2 on 48 pairs)
 
   events = read_events(workdir)
   assert sorted(events["loss"]) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose(events["loss"][4], train_rows[3]["loss"], rtol=1e-6)
-  assert sorted(events["eval/loss"]) == [3, 6]
+  assert sorted(events["eval_loss"]) == [3, 6]
 
   # The final model: our format, the training template, kind "it", the exact params of the last step.
   final = checkpoint.load(os.path.join(workdir, "final"))
@@ -143,7 +144,7 @@ def test_train_end_to_end(ws, tmp_path):
   assert out.stop_reason == ("length" if len(want) == 3 else "stop_id")
 
   best = checkpoint.load(os.path.join(workdir, "best"))
-  best_step = min(eval_rows, key=lambda r: r["eval/loss"])["step"]
+  best_step = min(eval_rows, key=lambda r: r["eval_loss"])["step"]
   assert best.metadata["provenance"]["trained"]["steps"] == best_step
 
   # Running again on a finished work directory resumes at the end and changes nothing.
@@ -181,7 +182,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(ws, tmp_path, monkeypatc
   assert train(cfg, workdir).step == 4
   rows = {r["step"]: r for r in read_metrics(workdir) if "loss" in r}
   assert rows[2]["nonfinite"] == 1 and rows[2]["loss"] == "nan" and rows[3]["nonfinite"] == 0
-  assert rows[3]["lr"] == rows[2]["lr"]  # the schedule counts applied updates only
+  assert rows[3]["learning_rate"] == rows[2]["learning_rate"]  # the schedule counts applied updates only
 
 
 def test_config_errors_are_one_line(ws, tmp_path):
@@ -316,7 +317,7 @@ def test_a_finished_run_run_again_logs_nothing_twice(ws, tmp_path):
   os.makedirs(os.path.join(workdir, "final.tmp-0badc0de"))  # and a half-written save left behind
   again = train(cfg, workdir)
   assert read_metrics(workdir) == rows
-  assert again.eval_metrics == {k: v for k, v in rows[-2].items() if k.startswith("eval/") and k != "eval/samples"}
+  assert again.eval_metrics == {k: v for k, v in rows[-2].items() if k.startswith("eval_") and k != "eval_greedy_samples"}
   assert os.path.isdir(os.path.join(workdir, "final"))
   assert not os.path.exists(os.path.join(workdir, "final.tmp-0badc0de"))
 

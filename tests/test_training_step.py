@@ -128,7 +128,7 @@ def test_nonfinite_step_is_skipped_and_counted(setup):
   state, m = step(state, good, None)
   assert int(m["nonfinite"]) == 0 and int(m["nonfinite_run"]) == 0
   assert int(state.nonfinite_total) == 2 and int(state.step) == 3
-  assert float(m["lr"]) == pytest.approx(float(sched(0)))  # the schedule counts applied updates only
+  assert float(m["learning_rate"]) == pytest.approx(float(sched(0)))  # the schedule counts applied updates only
 
   # The good step after two skipped ones is exactly the first step of a clean run.
   clean, _ = step(new_state(setup), good, None)

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Mapping
+
 from absl import logging
 
 from gemma_jax.errors import UserError
 from gemma_jax.sampling.engine import Sampler
 
 
+LOW_STOP_RATE = 0.5  # below this fraction of stopped eval samples, a fine-tune may not stop at end of turn
+
+
+def stop_rate_warning(provenance: Mapping[str, Any]) -> str | None:
+  """One line when training measured a low stop rate of its eval greedy samples (`provenance.trained`)."""
+  trained = provenance.get("trained") or {}
+  rate = trained.get("eval_stop_rate")
+  if not isinstance(rate, (int, float)) or rate >= LOW_STOP_RATE:
+    return None
+  within = f" within {trained['eval_sample_tokens']} tokens" if trained.get("eval_sample_tokens") else ""
+  return (f"this fine-tune stopped in only {rate:.0%} of its eval samples{within} (after {trained.get('steps')} "
+          "steps); it may not stop at end of turn: train longer / check that <end_of_turn> is a target")
+
+
 def load_sampler(ckpt: str | None, *, dtype: str | None = None, mesh: str | None = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, warn: Callable[[str], None] = logging.warning):
   """(Checkpoint, Sampler) for `ckpt` (our format); None = the real Gemma 3 270M (PT), converted once.
 
   mesh: a mesh spec such as "fsdp:-1" or "data:2,tensor:4" to shard params, batch and cache.
+  warn: gets `stop_rate_warning`'s line, for a fine-tune that rarely stopped in its eval samples.
   """
   import jax
   from gemma_jax import checkpoint
@@ -30,6 +47,9 @@ def load_sampler(ckpt: str | None, *, dtype: str | None = None, mesh: str | None
   logging.info("loaded %s: %s (%s), kind=%s, template=%s, dtype=%s, %d devices (%s)", ckpt,
                ck.config.preset or ck.config.family, ck.config.family, ck.kind, ck.template,
                ck.config.param_dtype, jax.device_count(), jax.devices()[0].platform)
+  msg = stop_rate_warning(ck.provenance)
+  if msg:
+    warn(msg)
   sampler = Sampler(ck.config, ck.params, ck.tokenizer, sharding=ctx, prefill_chunk=prefill_chunk)
   logging.info("matmuls: %s", "the packed CPU kernel (f32)" if sampler.packed else "XLA's")
   return ck, sampler

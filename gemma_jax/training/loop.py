@@ -4,6 +4,9 @@
     checkpoint) -> for each step: A host-local microbatches -> one global batch -> jitted step -> log ->
     run checkpoint every N steps -> eval every N steps (+ best model) -> final checkpoint in our format
 
+Console: the data summary, a progress bar (loss, tokens/s: eval and checkpoint time excluded), an eval bar and
+a one-line summary per evaluation. Metric names are TRL's (metrics.py).
+
 The starting model is `start.py`, the loss of each objective `objectives.py`, an evaluation `evaluation.py`.
 
 Work directory:
@@ -40,7 +43,7 @@ from gemma_jax.model.transformer import Transformer
 from gemma_jax.progress import progress_bar
 from gemma_jax.training import checkpointing, objectives, optim, run_data, state as state_lib, step as step_lib
 from gemma_jax.training.batches import global_batch, stack_microbatches
-from gemma_jax.training.evaluation import Evaluator
+from gemma_jax.training.evaluation import EVAL_PREFIX, SAMPLES_KEY, STOP_RATE_KEY, Evaluator
 from gemma_jax.training.metrics import MetricsWriter
 from gemma_jax.training.run_config import validate_run_config
 from gemma_jax.training.signals import SignalCatcher
@@ -147,8 +150,10 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   aux, aux_shardings = (params, p_shardings) if objective.needs_reference else (None, None)
   train_step = step_lib.jit_train_step(loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, mesh=mesh,
                                        state_shardings=s_shardings, aux_shardings=aux_shardings)
-  eval_step = step_lib.jit_eval_step(loss_fn=loss_fn, mesh=mesh,
-                                     param_shardings=p_shardings, aux_shardings=aux_shardings)
+  # Eval scores each example alone (vmapped): its model has no sharding constraints, GSPMD places it.
+  eval_loss_fn = objectives.make_loss_fn(config, Transformer(model_config), model_config)
+  eval_step = step_lib.jit_eval_step(loss_fn=eval_loss_fn, mesh=mesh, param_shardings=p_shardings,
+                                     aux_shardings=aux_shardings, rows_per_example=objective.rows_per_example)
   best_eval = math.inf
   if not fresh:
     target = state_lib.abstract_state(optimizer, shapes, s_shardings)
@@ -166,9 +171,10 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   step = int(jax.device_get(state.step))
 
   writer = MetricsWriter(workdir, resume_step=step)  # rows of steps that will run again are dropped
-  evaluate = Evaluator(config, data, eval_step, mesh, writer, start, model_config, ctx, best_loss=best_eval)
   bar = progress_bar(total=num_steps, initial=step, unit="step", disable=not (config.progress and primary),
                      leave=True)
+  evaluate = Evaluator(config, data, eval_step, mesh, writer, start, model_config, ctx, best_loss=best_eval,
+                       echo=bar.write)
   meta_base = {"run": json.loads(config.to_json_best_effort()), "model": model_config.to_dict()}
   last_metrics: dict[str, float] = {}
   last_eval: dict[str, float] = {}
@@ -182,8 +188,10 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
     s, m, tokens, t0 = p
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     now = time.perf_counter()
-    m["tokens_per_s"] = tokens / max(now - t_last, 1e-9)
+    m["tokens_per_s"] = tokens / max(now - t_last, 1e-9)  # since the previous step, eval and saves excluded
     t_last = now
+    if not data.packing:
+      m["epoch"] = s * config.batch_size / data.train_examples
     last_metrics = m
     bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
     bar.update(1)
@@ -220,7 +228,7 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
             handle(pending)
           pending = (step, metrics, tokens, time.perf_counter())
           eval_now = bool(config.eval.every) and step % config.eval.every == 0 and step < num_steps
-          if eval_now:
+          if eval_now or step % run_ckpt.every == 0:  # read before the pause, so its time is not the step's
             handle(pending)
             pending = None
         if eval_now and not signals.caught:
@@ -229,8 +237,11 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
               last_eval = evaluate(state, aux, step)
           except Interrupted as e:
             signals.caught = e.signum
+          t_last = time.perf_counter()
       with signals.deferred():
         saved = save_run()
+        if saved:
+          t_last = time.perf_counter()
         if signals.any_caught():
           if pending is not None:
             handle(pending)
@@ -257,7 +268,9 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
       save_run(force=True)
       run_ckpt.wait()
     if data.has_eval and step in writer.eval_rows:  # evaluated before a kill: not logged twice
-      last_eval = {k: v for k, v in writer.eval_rows[step].items() if k.startswith("eval/") and k != "eval/samples"}
+      row = writer.eval_rows[step]
+      last_eval = {k: v for k, v in row.items() if k.startswith(EVAL_PREFIX) and k != SAMPLES_KEY}
+      evaluate.stop_rate = row.get(STOP_RATE_KEY)
     elif data.has_eval:
       last_eval = evaluate(state, aux, step)
     writer.write(step, {"run/steps": step, "run/skipped_steps": skipped})
@@ -271,7 +284,8 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
     final_dir = os.path.join(workdir, "final")
     with signals.deferred():
       save_model(final_dir, state.params, start, model_config, config, step=step,
-                 metrics=last_eval or last_metrics, skipped_steps=skipped)
+                 metrics=last_eval or last_metrics, skipped_steps=skipped, examples=evaluate.examples(),
+                 stop_rate=evaluate.stop_rate)
   if skipped:
     _log(f"{skipped} of {step} steps were skipped (non-finite loss or gradient; nothing applied from them)")
   run_ckpt.close()

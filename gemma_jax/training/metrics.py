@@ -1,6 +1,10 @@
 """Metrics of a run: `metrics.jsonl` (one JSON row per logged step and per evaluation) and TensorBoard events
 (when the `tensorboard` extra, tensorboardX, is installed).
 
+Names are TRL's: a step row has loss, learning_rate, epoch, grad_norm, the objective's metrics (rewards/chosen,
+rewards/accuracies, nll_loss, ...) and tokens_per_s; an evaluation row the same prefixed eval_ (eval_loss,
+eval_rewards/accuracies, ...) plus eval_examples, eval_runtime (s) and eval_stop_rate.
+
 Written by process 0 only. On resume from step s, rows after s (from steps that will run again) are dropped, and
 an evaluation already logged for a step is not logged twice.
 """
@@ -15,6 +19,7 @@ from typing import Any
 import jax
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_PREFIXES = ("eval_", "eval/")  # TRL's eval_loss, ...; "eval/" in the files of older runs
 
 
 def jsonable(v):
@@ -24,7 +29,7 @@ def jsonable(v):
 
 
 def _is_eval(row: dict[str, Any]) -> bool:
-  return any(k.startswith("eval/") for k in row)
+  return any(k.startswith(EVAL_PREFIXES) for k in row)
 
 
 def _read_rows(path: str) -> list[dict[str, Any]]:

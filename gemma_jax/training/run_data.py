@@ -3,7 +3,7 @@
 Thin glue over `gemma_jax.data`: files are read, validated and tokenized with the run's template once at
 start; the training iterator shuffles by `seed`, repeats over epochs, gives each host its rows of every global
 batch, and saves/restores its position with the run checkpoints. Held-out batches are read in file order;
-a last partial held-out batch is dropped (so every batch has the same number of real pairs).
+a last partial held-out batch is filled with empty rows (all masks False), which the eval step does not count.
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ class RunData:
     return self.eval_data is not None
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """This host's rows of each held-out batch, in file order, one pass."""
+    """This host's rows of each held-out batch, in file order, one pass; the last one padded with empty rows."""
     if self.eval_data is None:
       return iter(())
     return data_lib.DataIterator(self.eval_data, batch_size=self.micro_batch, shuffle=False, num_epochs=1,
-                                 drop_remainder=True, process_index=self.process_index,
+                                 drop_remainder=False, process_index=self.process_index,
                                  process_count=self.process_count)
 
   def sample_prompts(self, n: int) -> list[np.ndarray]:

@@ -112,13 +112,21 @@ def initial_params(start: Start, model_config: TransformerConfig, ctx: ShardingC
 
 
 def save_model(path: str, params, start: Start, model_config: TransformerConfig, config, *, step: int,
-               metrics: dict[str, Any], skipped_steps: int = 0) -> None:
-  """Our checkpoint format: the saved config (not the training dtypes/remat), tokenizer and template."""
+               metrics: dict[str, Any], skipped_steps: int = 0, examples: dict[str, int] | None = None,
+               stop_rate: float | None = None) -> None:
+  """Our checkpoint format: the saved config (not the training dtypes/remat), tokenizer and template.
+
+  The provenance's "trained" records what training did: objective, steps, template, data sizes (`examples`)
+  and, after an evaluation with greedy samples, `eval_stop_rate` (the fraction of them that ended with a stop
+  token within `eval.sample_tokens`); the sampler warns when it is low.
+  """
   saved_config = start.config.replace(param_dtype=model_config.param_dtype)
   kind = "it" if start.template.is_chat else start.kind
-  provenance = {"trained": {"from": config.init_from, "objective": config.objective, "steps": int(step),
-                            "skipped_steps": int(skipped_steps), "template": start.template.name,
-                            "chat_fine_tuned": bool(start.template.is_chat)}}
+  trained = {"from": config.init_from, "objective": config.objective, "steps": int(step),
+             "skipped_steps": int(skipped_steps), "template": start.template.name,
+             "chat_fine_tuned": bool(start.template.is_chat), **(examples or {})}
+  if stop_rate is not None:
+    trained.update(eval_stop_rate=float(stop_rate), eval_sample_tokens=int(config.eval.sample_tokens))
   extra = {"train_metrics": {k: jsonable(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
   ckpt_lib.save(path, config=saved_config, params=params, tokenizer=start.tokenizer,
-                template=start.template.to_dict(), kind=kind, provenance=provenance, extra=extra)
+                template=start.template.to_dict(), kind=kind, provenance={"trained": trained}, extra=extra)

@@ -81,7 +81,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], aux: Any, *, loss
       rng=jax.random.key_data(jax.random.split(state.key)[0]),
       nonfinite_run=run.astype(jnp.int32),
       nonfinite_total=(state.nonfinite_total + (~ok)).astype(jnp.int32))
-  out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(applied), "nonfinite": (~ok).astype(jnp.int32),
+  out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(applied), "nonfinite": (~ok).astype(jnp.int32),
          "nonfinite_run": new_state.nonfinite_run, **metrics}
   return new_state, out
 
@@ -95,15 +95,29 @@ def jit_train_step(*, loss_fn: LossFn, optimizer: optax.GradientTransformation, 
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], aux: Any, *, loss_fn: LossFn,
-              mesh: Mesh | None = None) -> dict[str, jax.Array]:
-  """Loss and metrics of one `[1, R, T]` batch, without gradients."""
-  loss, metrics = loss_fn(params, constrain_rows(jax.tree.map(lambda x: x[0], batch), mesh), aux)
-  return {"loss": loss, **metrics}
+def eval_step(params: Any, batch: dict[str, jax.Array], aux: Any, *, loss_fn: LossFn, rows_per_example: int,
+              ) -> dict[str, jax.Array]:
+  """Sums over the real examples of one `[1, R, T]` batch of their own loss and metrics, and their count.
+
+  Each example (a pair: chosen row i and rejected row B + i; or one SFT row) is scored alone (vmapped), so a
+  batch metric is exactly the mean of per-example metrics. An example whose first row is all padding (the
+  rows filling a last partial batch) counts for nothing. Returns {"count": n, "loss": sum, <metric>: sum}.
+  `loss_fn` should use a model without a sharding context (GSPMD places the vmapped examples).
+  """
+  mb = jax.tree.map(lambda x: x[0], batch)
+  k = rows_per_example
+  examples = {n: jnp.swapaxes(x.reshape(k, x.shape[0] // k, *x.shape[1:]), 0, 1) for n, x in mb.items()}
+  loss, metrics = jax.vmap(lambda ex: loss_fn(params, ex, aux))(examples)  # each [B]
+  real = jnp.any(examples["input_mask"][:, 0].astype(bool), axis=-1)  # [B]
+  out = {"loss": loss, **metrics}
+  sums = {n: jnp.sum(jnp.where(real, v.astype(jnp.float32), 0.0)) for n, v in out.items()}
+  return {"count": jnp.sum(real.astype(jnp.float32)), **sums}
 
 
-def jit_eval_step(*, loss_fn: LossFn, mesh: Mesh, param_shardings: Any, aux_shardings: Any = None):
+def jit_eval_step(*, loss_fn: LossFn, mesh: Mesh, param_shardings: Any, aux_shardings: Any = None,
+                  rows_per_example: int = 2):
+  """`eval(params, batch, aux) -> {"count", "loss", <metric>: sums over real examples}` jitted over the mesh."""
   replicated = NamedSharding(mesh, P())
-  fn = lambda p, b, a: eval_step(p, b, a, loss_fn=loss_fn, mesh=mesh)
+  fn = lambda p, b, a: eval_step(p, b, a, loss_fn=loss_fn, rows_per_example=rows_per_example)
   return jax.jit(fn, in_shardings=(param_shardings, batch_sharding(mesh), aux_shardings),
                  out_shardings=replicated)
