@@ -9,13 +9,13 @@ each only when the file has that metric. Reads our metric names and TRL's (`eval
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from absl import app, flags
 
 from gemma_jax.errors import UserError
+from gemma_jax.training.metrics import read_rows
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a training run (holds metrics.jsonl).")
 
@@ -43,15 +43,7 @@ def read_series(path: str) -> dict[str, dict[str, tuple[list[int], list[float]]]
   """metrics.jsonl -> {figure: {label: (steps, values)}}, only the series with at least one point."""
   if not os.path.isfile(path):
     raise UserError(f"{path}: no such file; pass the --workdir of a training run (it writes metrics.jsonl)")
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except ValueError:  # a row cut short by a kill
-        continue
-      if isinstance(row, dict) and isinstance(row.get("step"), int):
-        rows.append(row)
+  rows = read_rows(path)
   if not rows:
     raise UserError(f"{path}: no metrics yet (the run logs every `log_every` steps)")
   out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}

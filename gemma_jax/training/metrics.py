@@ -32,7 +32,8 @@ def _is_eval(row: dict[str, Any]) -> bool:
   return any(k.startswith(EVAL_PREFIXES) for k in row)
 
 
-def _read_rows(path: str) -> list[dict[str, Any]]:
+def read_rows(path: str) -> list[dict[str, Any]]:
+  """The rows of a metrics.jsonl that parse and carry an integer step (a row cut short by a kill is skipped)."""
   rows = []
   with open(path) as f:
     for line in f:
@@ -76,7 +77,7 @@ class MetricsWriter:
       return
     if resume_step is not None and os.path.exists(self.path):
       # Rows of steps that will run again, and the end-of-run summary, are written anew.
-      rows = [r for r in _read_rows(self.path) if r["step"] <= resume_step and "run/steps" not in r]
+      rows = [r for r in read_rows(self.path) if r["step"] <= resume_step and "run/steps" not in r]
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
