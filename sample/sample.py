@@ -113,7 +113,8 @@ def _run():
     for i, r in enumerate(results):
       if _FORMAT.value == "jsonl":
         print(json.dumps({"prompt": prompts[b0 + i], "completion": r.text, "tokens": r.tokens,
-                          "prompt_tokens": r.prompt_tokens, "stop_reason": r.stop_reason}, ensure_ascii=False))
+                          "prompt_tokens": r.prompt_tokens, "stop_reason": r.stop_reason,
+                          "stop_id": r.stop_id, "stop_string": r.stop_string}, ensure_ascii=False))
       elif stream:
         print()
       else:

@@ -59,6 +59,8 @@ def test_sample_stdout_is_the_continuation(tiny_ckpt, tiny_tokenizer, tmp_path):
   want = s.generate(ids, max_new_tokens=7, stop_ids=t.stop_token_ids(tiny_tokenizer))
   assert [x["tokens"] for x in rows] == [w.tokens for w in want]
   assert [x["completion"] for x in rows] == [w.text for w in want]
+  assert [(x["stop_reason"], x["stop_id"], x["stop_string"]) for x in rows] == \
+      [(w.stop_reason, w.stop_id, w.stop_string) for w in want]
   assert "chat template 'gemma3'" in r.stderr
 
   # text format, PT checkpoint: auto = plain completion; the continuation alone on stdout

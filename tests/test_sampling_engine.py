@@ -191,6 +191,10 @@ def test_stop_strings_cut_text(g3):
   j = text.find(stop)
   out = g3.generate(prompts, max_new_tokens=24, stop_ids=(), stop_strings=[stop])
   assert out[0].text == text[:j] and out[0].stop_reason == "stop_string"
+  assert (out[0].stop_string, out[0].stop_id) == (stop, None)
+  (other,) = g3.generate(prompts[:1], max_new_tokens=24, stop_ids=(), stop_strings=["\u2603never", stop])
+  assert other.stop_string == stop  # the string that matched, not the first one listed
+  assert ref[0].stop_string is None
   assert stop in g3.tokenizer.decode(out[0].tokens) and stop not in g3.tokenizer.decode(out[0].tokens[:-1])
   j1 = ref[1].text.find(stop)  # row 1 stops at the same string only where its text has it
   want1 = (ref[1].text, "length") if j1 < 0 else (ref[1].text[:j1], "stop_string")

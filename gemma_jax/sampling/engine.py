@@ -36,7 +36,8 @@ from gemma_jax.tokenizer import Tokenizer
 
 @dataclasses.dataclass
 class Completion:
-  """One row's result. `text`/`tokens` are cut at the stop; `stop_reason`: 'stop_id', 'stop_string', 'length'."""
+  """One row's result. `text`/`tokens` are cut at the stop; `stop_reason`: 'stop_id', 'stop_string', 'length';
+  `stop_id` / `stop_string`: the token id or the string that ended the row (None otherwise)."""
 
   text: str
   tokens: list[int]
@@ -44,6 +45,7 @@ class Completion:
   stop_reason: str
   stop_id: int | None = None
   logprobs: list[float] | None = None  # model log-prob of each of `tokens`
+  stop_string: str | None = None
 
 
 class Stream:
@@ -283,12 +285,14 @@ class Sampler:
       reason, sid = finished[i]
       toks, _ = stopping.cut_at_stop_id(host_tokens[i].tolist(), stop.stop_ids)
       text = cut_text[i] if cut_text[i] is not None else decoders[i].text
+      matched = None
       if reason == "stop_string":  # the shortest prefix of tokens whose text holds the stop string
         n = next(n for n in range(1, len(toks) + 1) if stopping.find_stop_string(
             self.tokenizer.decode(toks[:n]), stop.stop_strings) >= 0)
         toks = toks[:n]
+        matched = next(x for x in stop.stop_strings if decoders[i].text.startswith(x, len(text)))
       completions.append(Completion(text=text, tokens=toks, prompt_tokens=len(rows[i]), stop_reason=reason,
-                                    stop_id=sid, logprobs=host_lp[i, :len(toks)].tolist()))
+                                    stop_id=sid, logprobs=host_lp[i, :len(toks)].tolist(), stop_string=matched))
     return completions, state
 
   def generate(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
