@@ -4,6 +4,7 @@ the best and final checkpoints in our format (loadable and sampleable), non-fini
 from __future__ import annotations
 
 import glob
+import json
 import os
 import struct
 
@@ -16,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from training_helpers import make_workspace, read_metrics, run_config
 from gemma_jax import checkpoint
 from gemma_jax.errors import ConfigError
+from gemma_jax.model.params import flatten
 from gemma_jax.training import checkpointing, optim, state as state_lib, step as step_lib
 from gemma_jax.training.loop import TrainingStopped, train
 
@@ -365,6 +367,13 @@ def test_a_signal_while_reading_data_stops_after_the_last_step(ws, tmp_path, mon
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _saved_keys(orbax_dir: str) -> list[tuple[str, ...]]:
+  """The tree paths an orbax checkpoint directory stores (its _METADATA's tree_metadata keys)."""
+  import ast
+  with open(os.path.join(orbax_dir, "_METADATA")) as f:
+    return [ast.literal_eval(k) for k in json.load(f)["tree_metadata"]]
+
+
 def _dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -382,9 +391,16 @@ def test_what_a_run_writes_and_its_size(ws, tmp_path):
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
   params = checkpoint.load(os.path.join(workdir, "final")).params
   param_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
-  final = _dir_bytes(os.path.join(workdir, "final", "params"))
-  best = _dir_bytes(os.path.join(workdir, "best", "params"))
-  run = _dir_bytes(os.path.join(workdir, "checkpoints", "4"))
-  # with the moments they would take >= 3x (the rest is orbax's metadata and the checksums, ~60 KB)
-  assert param_bytes <= final < 2 * param_bytes and param_bytes <= best < 2 * param_bytes
-  assert run >= 3 * param_bytes
+  # What each directory stores, read from orbax's tree metadata: final/ and best/ the parameters alone (one
+  # orbax tree per top-level group), the run checkpoint the parameters and both Adam moments of each.
+  names = set(flatten(params))
+  for d in ("final", "best"):
+    stored = {"/".join((g, *k)) for g in os.listdir(os.path.join(workdir, d, "params"))
+              for k in _saved_keys(os.path.join(workdir, d, "params", g))}
+    assert stored == names, d
+  run = _saved_keys(os.path.join(workdir, "checkpoints", "4", "state"))
+  for moment in ("mu", "nu"):
+    assert {"/".join(k[k.index(moment) + 1:]) for k in run if moment in k} == names
+  # ... so a run checkpoint takes about 3x the parameters' bytes and final/ about 1x (plus orbax's metadata)
+  assert _dir_bytes(os.path.join(workdir, "checkpoints", "4")) >= 3 * param_bytes
+  assert _dir_bytes(os.path.join(workdir, "final", "params")) >= param_bytes
