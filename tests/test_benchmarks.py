@@ -67,3 +67,13 @@ def test_packed_matmul_benchmark_runs_tiny(capsys):
   assert _load("packed_matmul_cpu").main(["--tiny", "--repeats=2"]) == 0
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert report["decode"]["tiny"]["packed_gb_s"] > 0 and report["prefill"]["tiny prefill"]["packed_gflop_s"] > 0
+
+
+def test_gguf_read_benchmark_runs_tiny(tmp_path, capsys, tiny_tokenizer_proto):
+  from helpers import tiny_config
+  from test_convert_gguf import write_gemma_gguf
+  config = tiny_config("gemma3", vocab_size=300)
+  path = str(tmp_path / "m.gguf")
+  write_gemma_gguf(path, config, jax.device_get(init_params(config, jax.random.key(0))), tiny_tokenizer_proto)
+  assert _load("gguf_read").main([f"--gguf={path}", "--repeats=1"]) == 0
+  assert "ratio" in capsys.readouterr().out

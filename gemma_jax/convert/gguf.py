@@ -147,7 +147,7 @@ def _reader_class():
 
   class Reader(gguf.GGUFReader):
     """`gguf.GGUFReader` over a plain ndarray view of its memory map: the same bytes, no copy, but slicing skips
-    `np.memmap`'s per-slice bookkeeping, which made parsing the 262k-token vocabulary five times slower."""
+    `np.memmap`'s per-slice bookkeeping, which made parsing the 262k-token vocabulary ~3x slower (BENCHMARKS.md)."""
 
     @property
     def data(self):

@@ -81,8 +81,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], aux: Any, *, loss
       rng=jax.random.key_data(jax.random.split(state.key)[0]),
       nonfinite_run=run.astype(jnp.int32),
       nonfinite_total=(state.nonfinite_total + (~ok)).astype(jnp.int32))
-  out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(applied), "nonfinite": (~ok).astype(jnp.int32),
-         "nonfinite_run": new_state.nonfinite_run, **metrics}
+  out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(applied),
+         "nonfinite": (~ok).astype(jnp.int32), "nonfinite_run": new_state.nonfinite_run, **metrics}
   return new_state, out
 
 
