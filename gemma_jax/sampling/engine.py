@@ -25,6 +25,7 @@ from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.params import param_shardings
 from gemma_jax.model.sharding import ShardingContext
 from gemma_jax.model.transformer import Transformer
+from gemma_jax.progress import progress_bar
 from gemma_jax.sampling import stopping
 from gemma_jax.sampling.buckets import bucket_length, cache_bucket, grow_cache
 from gemma_jax.sampling.program import DecodeState, program
@@ -299,14 +300,15 @@ class Sampler:
                sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
                stop_strings: Sequence[str] = (), add_bos: bool = True,
                on_text: Callable[[int, str], None] | None = None,
-               batch_size: int | None = None) -> list[Completion]:
+               batch_size: int | None = None, progress: str | None = None) -> list[Completion]:
     """Completes each prompt (text, or token ids used as given). One `Completion` per prompt.
 
     Stops a row on `stop_ids` (default: eos and end_of_turn) and `stop_strings`. `on_text(row, delta)` is
     called as text is produced (streaming); without it and without stop strings the whole decode is one
     call of the jitted loop. batch_size: run the prompts in batches of that many rows (at most as many as
     there are prompts), a short last batch padded to it (one compiled program for all); None: all prompts in
-    one batch. Each batch starts from `sampling.seed`.
+    one batch. Each batch starts from `sampling.seed`. progress: a progress bar with this label over the
+    prompts (rate, time left), advanced batch by batch; None: none.
     """
     if batch_size is not None and batch_size < 1:
       raise UserError(f"batch_size={batch_size}: must be >= 1")
@@ -314,6 +316,7 @@ class Sampler:
     interval = 1 if stream else (8 if stop_strings else max_new_tokens)
     size = max(1, min(batch_size or len(prompts), len(prompts)))
     out: list[Completion] = []
+    bar = progress_bar(total=len(prompts), desc=progress, unit="prompt", disable=progress is None)
     for b0 in range(0, len(prompts), size):
       run = self.stream(prompts[b0:b0 + size], max_new_tokens=max_new_tokens, sampling=sampling,
                         stop_ids=stop_ids, stop_strings=stop_strings, add_bos=add_bos, interval=interval,
@@ -324,4 +327,6 @@ class Sampler:
             if d:
               on_text(b0 + i, d)
       out += run.completions
+      bar.update(len(run.completions))
+    bar.close()
     return out

@@ -51,8 +51,9 @@ class Evaluator:
     n = -(-len(self.data.eval_data.examples) // self.data.micro_batch)
     return min(n, self.config.eval.max_batches) if self.config.eval.max_batches else n
 
-  def __call__(self, state, aux, step: int) -> dict[str, float]:
-    """Evaluates `state.params` at `step`, logs the metrics (and samples), writes best/ when the loss improves.
+  def __call__(self, state, aux, step: int, save_best: bool = True) -> dict[str, float]:
+    """Evaluates `state.params` at `step`, logs the metrics (and samples), writes best/ when the loss improves
+    (and `save_best`).
 
     Every held-out example is scored once (the last batch is padded with empty rows, which count for
     nothing); a metric is the mean over examples. Returns the eval_* metrics (no samples); {} without a
@@ -95,7 +96,7 @@ class Evaluator:
     if self.echo is not None and primary:
       self.echo(summary_line(step, scalars))
     loss = metrics.get(EVAL_PREFIX + "loss", math.inf)
-    if config.checkpoint.keep_best and math.isfinite(loss) and loss < self.best_loss:
+    if save_best and config.checkpoint.keep_best and math.isfinite(loss) and loss < self.best_loss:
       save_model(os.path.join(os.path.dirname(self.writer.path), "best"), state.params, self.start,
                  self.model_config, config, step=step, metrics=scalars, examples=self.examples(),
                  stop_rate=self.stop_rate)

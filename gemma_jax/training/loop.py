@@ -175,9 +175,11 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
                      leave=True)
   evaluate = Evaluator(config, data, eval_step, mesh, writer, start, model_config, ctx, best_loss=best_eval,
                        echo=bar.write)
+  last_eval: dict[str, float] = {}
+  if fresh and config.eval.at_start:  # the starting model's numbers, as step 0 (never saved as best/)
+    last_eval = evaluate(state, aux, 0, save_best=False)
   meta_base = {"run": json.loads(config.to_json_best_effort()), "model": model_config.to_dict()}
   last_metrics: dict[str, float] = {}
-  last_eval: dict[str, float] = {}
   pending = None  # (step, device metrics, tokens, time): read one step late, so the device never waits
   stopped_by_signal = False
   data_state = data.train.get_state()

@@ -98,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 500  # steps between evaluations (and at the end); 0 = only at the end
+  c.eval.at_start = False  # also evaluate the starting model, as step 0 (TRL's eval_on_start)
   c.eval.max_batches = 0  # 0 = the whole held-out set
   c.eval.num_samples = 2  # greedy samples from held-out prompts, logged with the eval metrics
   c.eval.sample_tokens = 64

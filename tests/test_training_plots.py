@@ -1,4 +1,4 @@
-"""train.plot: the curves of a synthetic metrics.jsonl (ours and TRL's names) as valid PNGs of the file's
+"""gemma_jax.training.plots (and the train.plot script): the curves of a synthetic metrics.jsonl (ours and TRL's names) as valid PNGs of the file's
 values; one-line errors; and the metrics writer without tensorboardX."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from gemma_jax.errors import UserError
-from train.plot import plot, read_series
+from gemma_jax.training.plots import plot, read_series
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,33 @@
+"""The main job's recipe: ORPO from the real Gemma 3 270M base model (PT) to a chat model, on the bundled demo
+pairs (data/demo), sized for a 2-core CPU. The hyper-parameters come from the sweep recorded in BENCHMARKS.md.
+
+    python -m train.demo                                            # = bash scripts/run.sh
+    python -m train.demo --config.num_steps=60 --config.optim.lr=3e-5 --workdir=/tmp/demo2
+
+Only what differs from the defaults is set here.
+"""
+
+import os
+
+from gemma_jax.training.run_config import default_config
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo")
+
+
+def get_config(arg: str | None = None):
+  del arg
+  c = default_config()
+  c.data.train = os.path.join(DATA, "train.jsonl")
+  c.data.eval = os.path.join(DATA, "eval.jsonl")
+  c.data.template = "gemma3"  # the chat template trained into the base model, saved with the result
+  c.data.max_length = 128  # the longest demo pair is well under it
+  c.num_steps = 40
+  c.optim.lr = 2e-5
+  c.eval.every = 10
+  c.eval.at_start = True  # the base model's preference accuracy and stop rate, as step 0
+  c.eval.max_batches = 4  # 32 held-out pairs per evaluation
+  c.eval.num_samples = 16
+  c.eval.sample_tokens = 48
+  c.checkpoint.keep_best = False  # final/ is the model
+  c.log_every = 1
+  return c
