@@ -121,8 +121,10 @@ class Evaluator:
     prompts = self.data.sample_prompts(config.eval.num_samples)
     if not prompts:
       return []
+    # One device: unsharded, so the sampler takes the backend's fastest layout (the packed CPU kernel) and
+    # shares its compiled programs with any other sampler of this model in the process.
     sampler = Sampler(start.config.replace(param_dtype=self.model_config.param_dtype), params, start.tokenizer,
-                      sharding=self.ctx)
+                      sharding=self.ctx if self.mesh.size > 1 else None)
     out = sampler.generate([p.tolist() for p in prompts], max_new_tokens=config.eval.sample_tokens,
                            sampling=SamplingParams(), stop_ids=start.template.stop_token_ids(start.tokenizer))
     return [{"prompt": start.tokenizer.decode(p.tolist()), "completion": c.text,
