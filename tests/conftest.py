@@ -54,7 +54,8 @@ def real_gguf_path() -> str:
 
 # The longest files first, so that under `pytest -n` (scripts/test.sh) no worker is left with a long file at the
 # end while the others idle. Seconds on the 2-core machine; only the order matters.
-_HEAVY_FILES = {"test_training_loop.py": 290, "test_convert_cli.py": 200, "test_sample_scripts.py": 140,
+_HEAVY_FILES = {"test_chat_demo.py": 320,
+                "test_training_loop.py": 290, "test_convert_cli.py": 200, "test_sample_scripts.py": 140,
                 "test_model.py": 130, "test_training_distributed.py": 90, "test_training_resume.py": 80,
                 "test_real_model.py": 75, "test_sampling_engine.py": 70, "test_training_workdir.py": 60,
                 "test_model_sharding.py": 60, "test_training_step.py": 60, "test_training_evaluation.py": 150,

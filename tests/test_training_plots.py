@@ -1,5 +1,5 @@
-"""gemma_jax.training.plots (and the train.plot script): the curves of a synthetic metrics.jsonl (ours and TRL's names) as valid PNGs of the file's
-values; one-line errors; and the metrics writer without tensorboardX."""
+"""gemma_jax.training.plots (and the train.plot script): the curves of a synthetic metrics.jsonl (ours and
+TRL's names) as valid PNGs of the file's values; one-line errors; and the metrics writer without tensorboardX."""
 
 from __future__ import annotations
 
