@@ -25,12 +25,11 @@ from typing import Any, Callable
 
 import ml_collections
 
-from gemma_jax import checkpoint
 from gemma_jax.answer_eval import AnswerEval, evaluate_answers, few_shot_examples, messages_of
 from gemma_jax.data.preference import parse_preference, render_pair
 from gemma_jax.errors import UserError
 from gemma_jax.sampling.chat import resolve_template
-from gemma_jax.sampling.engine import Sampler
+from gemma_jax.sampling.loading import load_sampler
 from gemma_jax.templates import ChatTemplate
 from gemma_jax.training.loop import train
 from gemma_jax.training.metrics import read_rows
@@ -81,13 +80,6 @@ def eot_targets(records: list[dict[str, Any]], template: ChatTemplate, tokenizer
   return n, len(records)
 
 
-def _sampler(path: str) -> tuple[checkpoint.Checkpoint, Sampler]:
-  ck = checkpoint.load(path)
-  if ck.tokenizer is None:
-    raise UserError(f"{path}: the checkpoint has no tokenizer.model; the demo needs one")
-  return ck, Sampler(ck.config, ck.params, ck.tokenizer)
-
-
 def _eval_rows(run_dir: str) -> list[dict[str, Any]]:
   path = os.path.join(run_dir, "metrics.jsonl")
   return [r for r in read_rows(path) if PREFERENCE_ACCURACY in r] if os.path.isfile(path) else []
@@ -113,7 +105,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, options: DemoOptio
 
   echo(f"1/4 the base model ({start.path}, kind {start.kind}) answers {len(questions)} held-out questions")
   t = time.perf_counter()
-  _, base = _sampler(start.path)
+  _, base = load_sampler(start.path)
   base_chat = evaluate_answers(base, questions, chat=template, progress="base, chat template", **kw)
   shots = few_shot_examples(train_records)
   base_few = evaluate_answers(base, questions, few_shot=shots, progress="base, few-shot", **kw)
@@ -131,7 +123,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, options: DemoOptio
 
   echo(f"3/4 the tuned model ({result.final_dir}) answers the same questions")
   t = time.perf_counter()
-  ck, tuned = _sampler(result.final_dir)
+  ck, tuned = load_sampler(result.final_dir)
   saved = resolve_template("auto", ck.template, ck.config.family, kind=ck.kind, for_chat=True)
   tuned_chat = evaluate_answers(tuned, questions, chat=saved, progress="tuned, chat template", **kw)
   single = [q for q in questions if isinstance(q["prompt"], str)][:options.mismatch_questions]
