@@ -49,6 +49,7 @@ def test_orpo_gpu_attention_flops_count_only_attended_keys():
   assert saved == 4 * 4 * 16 * (keys_full - keys_window)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["orpo_gpu", "decode_gpu"])
 def test_gpu_benchmarks_run_tiny_on_cpu(name, capsys):
   args = ["--tiny", "--batch_sizes=1,2"] + (["--steps=1"] if name == "orpo_gpu" else [])

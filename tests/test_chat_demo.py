@@ -62,6 +62,7 @@ def test_report_table():
   assert "n/a | n/a |" in render_report(_report(preference_accuracy={"base": None, "tuned": None}), DemoOptions())
 
 
+@pytest.mark.slow
 def test_demo_on_the_real_model_learns_to_stop(tmp_path):
   """A few ORPO steps on the bundled pairs: the stop rate and the preference accuracy rise from the base's."""
   work = tmp_path / "demo"

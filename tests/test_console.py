@@ -83,6 +83,7 @@ def _run(args, env_extra, timeout=600):
                         env=env)
 
 
+@pytest.mark.slow
 def test_train_console_and_workdir_log(tiny_tokenizer, tmp_path):
   """A tiny training run: no library INFO lines on the console; they are in <workdir>/log.txt."""
   from training_helpers import cli_args, make_workspace, subprocess_env

@@ -23,6 +23,8 @@ from gemma_jax.convert.detect import detect_format
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model import init_params
 
+pytestmark = pytest.mark.slow  # end to end, as processes: `bash scripts/test.sh --slow`
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -159,6 +159,7 @@ def run_cli(*args, env=None):
                         env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_malformed_records_fail_by_default(files):
   tok, _, bad = files
   r = run_cli(bad, "--template=gemma3", f"--tokenizer={tok}")
@@ -171,6 +172,7 @@ def test_malformed_records_fail_by_default(files):
   assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_bare_command_lists_every_bad_line(tmp_path):
   """No flag at all (the real tokenizer): more bad lines than training lists (100), every one named."""
   path = tmp_path / "many.jsonl"
@@ -187,6 +189,7 @@ def test_bare_command_lists_every_bad_line(tmp_path):
   assert r.stderr == f"error: 122 malformed record(s) in {path}; fix them, or skip them with --skip_invalid\n"
 
 
+@pytest.mark.slow
 def test_skip_invalid_counts(files):
   tok, _, bad = files
   r = run_cli(bad, "--template=gemma3", f"--tokenizer={tok}", "--skip_invalid")
@@ -216,6 +219,7 @@ def test_flag_errors_are_one_line(capsys, args, message):
   assert e.value.code == 2 and capsys.readouterr().err.startswith("error: no data file: ")
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(files, tmp_path):
   tok, ok, _ = files
   for args, message in [((str(tmp_path / "missing.jsonl"), f"--tokenizer={tok}"), "no such file"),

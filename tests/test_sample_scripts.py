@@ -12,6 +12,8 @@ import pytest
 
 from helpers import tiny_config
 
+pytestmark = pytest.mark.slow  # end to end, as processes: `bash scripts/test.sh --slow`
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -9,9 +9,12 @@ import subprocess
 
 import jax
 import numpy as np
+import pytest
 
 from training_helpers import REPO, cli_args, make_workspace, read_metrics, subprocess_env
 from gemma_jax import checkpoint
+
+pytestmark = pytest.mark.slow  # end to end, as processes: `bash scripts/test.sh --slow`
 
 TIMEOUT = 300
 COMMON = {"num_steps": 4, "checkpoint.every": 2, "eval.every": 2, "eval.num_samples": 0, "optim.lr": 1e-3}

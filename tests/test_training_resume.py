@@ -11,9 +11,12 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from training_helpers import REPO, cli_args, make_workspace, read_metrics, subprocess_env
 from gemma_jax import checkpoint
+
+pytestmark = pytest.mark.slow  # end to end, as processes: `bash scripts/test.sh --slow`
 
 DEVICES = 4
 TIMEOUT = 240

@@ -87,6 +87,7 @@ def test_a_refused_run_leaves_no_new_directory(tmp_path):
   assert (path / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_workdir_and_signals_anywhere(tiny_tokenizer, tmp_path):
   """CLI: a second run on a held workdir is refused with one line naming the first; SIGTERM stops a run while it
   reads data (not only between steps), and between steps it saves and exits 0."""
