@@ -139,3 +139,35 @@ def test_logits_are_kept_only_when_they_fit_the_budget():
   chunked, _ = _compiled_temp_bytes(vocab, False, save_logits=None, max_saved_bytes=logits_bytes - 1)
   assert kept - table >= logits_bytes
   assert chunked - table <= 8 * budget, chunked - table
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])  # logit sums: forward head (cap) / h . sum_v E[v]
+@pytest.mark.parametrize("chunk_size,save_logits", [(None, True), (2, False)])
+def test_target_positions_head_equals_every_position(family, chunk_size, save_logits):
+  """With max_targets, the head runs on the target positions only: the same log-probs there (0 elsewhere), the
+  same logit sums and the same gradients as the head on every position."""
+  config = tiny_config(family)
+  hidden, emb, tokens, cot, sum_mask = _inputs(r=4, t=13)
+  hidden = hidden * 3.0
+  targets = np.zeros((4, 13), bool)
+  for row, (start, stop) in enumerate([(5, 9), (2, 7), (9, 13), (3, 4)]):  # at most 5 per row
+    targets[row, start:stop] = True
+  targets[0, 11] = True  # not contiguous
+  kw = dict(logit_sum_mask=sum_mask, chunk_size=chunk_size, save_logits=save_logits)
+
+  def run(h, e, **extra):
+    out = token_logprobs(h, e, tokens, config, **kw, **extra)
+    return jnp.sum(out.logprobs * cot * targets), out
+
+  (_, full), g_full = jax.jit(jax.value_and_grad(run, (0, 1), has_aux=True))(hidden, emb)
+  (_, sel), g_sel = jax.jit(jax.value_and_grad(
+      lambda h, e: run(h, e, targets=targets, max_targets=5), (0, 1), has_aux=True))(hidden, emb)
+  np.testing.assert_allclose(sel.logprobs, np.where(targets, full.logprobs, 0.0), atol=1e-6, rtol=1e-6)
+  assert np.all(np.asarray(sel.logprobs)[targets] < 0)
+  np.testing.assert_allclose(sel.logit_sums, full.logit_sums, rtol=1e-5, atol=1e-4)
+  for a, b in zip(g_sel, g_full):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert np.abs(b).max() > 1e-2
+  # A bound that is too small is never a silently wrong loss.
+  over = jax.jit(lambda h, e: token_logprobs(h, e, tokens, config, targets=targets, max_targets=4).logprobs)
+  assert np.all(np.isnan(over(hidden, emb))[:, 1:])  # every log-prob (position 0 predicts nothing: 0)

@@ -237,3 +237,40 @@ def test_the_objectives_table_names_each_loss_and_its_metrics(name):
   assert loss.shape == () and sorted(metrics) == sorted(objective.metrics)
   with pytest.raises(ConfigError, match=r"objective='kto': use one of orpo, sft, dpo, simpo"):
     objectives.get("kto")
+
+
+@pytest.mark.parametrize("name,family", [("orpo", "gemma3"), ("orpo", "gemma2"), ("sft", "gemma3"),
+                                         ("dpo", "gemma3"), ("simpo", "gemma2")])
+def test_the_target_positions_head_changes_no_loss_metric_or_gradient(name, family):
+  """make_loss_fn with max_targets (what the loop passes: the data's longest response) gives the loss, every
+  metric and the gradients of the head on every position; ORPO reads only responses with nll_target="response"
+  (with "sequence" it reads every chosen token, so the bound is not used)."""
+  from gemma_jax.training import objectives
+  from gemma_jax.training.run_config import default_config
+  config, params, model = _setup(family)
+  c = default_config()
+  c.objective = name
+  c.loss.nll_target = "response"
+  batch = preference_batch(config.vocab_size, t=20, seed=4)
+  most = int(batch["target_mask"].sum(1).max())
+  assert most < 19  # the bound is below the T - 1 positions, so the target-positions head runs
+  # DPO's reference: other weights, so its rewards are not exactly 0 (where float noise would flip accuracies)
+  aux = jax.tree.map(lambda x: x * 0.9, params) if objectives.get(name).needs_reference else None
+
+  def run(max_targets):
+    loss_fn = objectives.make_loss_fn(c, model, config, max_targets)
+    return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, aux), has_aux=True))(params)
+
+  (loss, metrics), grads = run(None)
+  (loss_k, metrics_k), grads_k = run(most)
+  np.testing.assert_allclose(float(loss_k), float(loss), rtol=1e-5)
+  for k in metrics:
+    np.testing.assert_allclose(float(metrics_k[k]), float(metrics[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+  (too_small, _), _ = run(most - 1)
+  assert np.isnan(float(too_small))
+  if name == "orpo":
+    c.loss.nll_target = "sequence"  # reads the prompts of the chosen rows: the bound is ignored
+    (loss_seq, _), _ = run(most - 1)
+    assert np.isfinite(float(loss_seq))

@@ -23,17 +23,19 @@ def response_logps(logprobs: jax.Array, target_mask: jax.Array) -> jax.Array:
   return masked_sums(logprobs, target_mask)[0]
 
 
-def reference_logps(params, batch: dict[str, jax.Array], *, model, config=None, chunk_size: int | None = None,
-                    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> jax.Array:
+def reference_logps(params, batch: dict[str, jax.Array], *, model, config=None, max_targets: int | None = None,
+                    chunk_size: int | None = None, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> jax.Array:
   """[R]: the reference model's summed response log-probs for a preference batch (no gradient).
 
   Jit it and map it over the dataset once to store `reference_logps` with each batch, or let `dpo_loss` call
   it with frozen `reference_params`.
   """
   mask = jnp.asarray(batch["input_mask"]).astype(bool)
+  targets = batch["target_mask"].astype(bool) & mask
   out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=jnp.zeros(mask.shape, bool),
-                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes)
-  return jax.lax.stop_gradient(response_logps(out.logprobs, batch["target_mask"]))
+                       targets=targets, max_targets=max_targets, chunk_size=chunk_size,
+                       max_chunk_bytes=max_chunk_bytes)
+  return jax.lax.stop_gradient(response_logps(out.logprobs, targets))
 
 
 def sigmoid_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
@@ -51,7 +53,8 @@ def sigmoid_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
 
 
 def dpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: float = 0.1,
-             reference_params=None, label_smoothing: float = 0.0, chunk_size: int | None = None,
+             reference_params=None, label_smoothing: float = 0.0, max_targets: int | None = None,
+             chunk_size: int | None = None,
              max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool | None = None,
              max_saved_bytes: int = DEFAULT_SAVED_BYTES
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -59,6 +62,8 @@ def dpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: f
 
   batch: R = 2B rows (chosen then rejected): tokens, input_mask, target_mask [R, T]; and reference_logps [R]
     unless `reference_params` is given.
+  max_targets: a bound on the response tokens per row: the head (policy and reference) runs on those
+    positions only (`logprobs.token_logprobs`); None: on every position.
   Metrics: rewards/{chosen,rejected,accuracies,margins}; logps/chosen, logps/rejected (means of the summed
   response log-probs); logits/chosen, logits/rejected (as TRL's DPOTrainer: the vocabulary-mean logit at each
   position predicting a response token, averaged over those positions).
@@ -66,13 +71,13 @@ def dpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: f
   mask = jnp.asarray(batch["input_mask"]).astype(bool)
   targets = batch["target_mask"].astype(bool) & mask
   predicting = jnp.concatenate([targets[:, 1:], jnp.zeros_like(targets[:, :1])], axis=1)  # logits at t - 1
-  out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=predicting,
-                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits,
-                       max_saved_bytes=max_saved_bytes)
+  out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=predicting, targets=targets,
+                       max_targets=max_targets, chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes,
+                       save_logits=save_logits, max_saved_bytes=max_saved_bytes)
   logps = response_logps(out.logprobs, targets)
   if reference_params is not None:
-    ref = reference_logps(reference_params, batch, model=model, config=config, chunk_size=chunk_size,
-                          max_chunk_bytes=max_chunk_bytes)
+    ref = reference_logps(reference_params, batch, model=model, config=config, max_targets=max_targets,
+                          chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes)
   elif "reference_logps" in batch:
     ref = jax.lax.stop_gradient(batch["reference_logps"].astype(jnp.float32))
   else:

@@ -53,7 +53,8 @@ def chunk_positions(rows: int, vocab: int, max_chunk_bytes: int = DEFAULT_CHUNK_
 
 
 def token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, config: TransformerConfig, *,
-                   logit_sum_mask: jax.Array | None = None, chunk_size: int | None = None,
+                   logit_sum_mask: jax.Array | None = None, targets: jax.Array | None = None,
+                   max_targets: int | None = None, chunk_size: int | None = None,
                    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool | None = None,
                    max_saved_bytes: int = DEFAULT_SAVED_BYTES) -> LogProbs:
   """Log-probs of each next token, chunked; the gradient flows to `hidden` and `embedding`.
@@ -65,6 +66,12 @@ def token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, c
     config: the model config (its `final_logit_soft_cap` applies).
     logit_sum_mask: [R, T] bool or float: which positions' logits (the logits computed AT position t, i.e.
       predicting t + 1) enter `logit_sums`. Default: every position but the last (TRL's `logits[:, :-1]`).
+    targets: [R, T] bool: the tokens whose log-probs the caller reads (a loss's target tokens). Only with
+      `max_targets`.
+    max_targets: K, a bound on `targets` per row (static). The head then runs on the K positions predicting
+      them, [R, K] instead of [R, T - 1] (for Gemma's 262k vocabulary the head is most of a small model's
+      step); every other log-prob is 0. A row with more than K targets makes every log-prob NaN, never a
+      silently wrong loss. None (or K >= T - 1): every position.
     chunk_size: C, positions per chunk; default: every position in one chunk when the logits are saved,
       else from `max_chunk_bytes`.
     save_logits: keep every chunk's logits for the backward pass instead of recomputing the logits there
@@ -75,7 +82,53 @@ def token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, c
   r, t, d = hidden.shape
   if logit_sum_mask is None:
     logit_sum_mask = jnp.ones((r, t), bool).at[:, -1].set(False)
-  n = t - 1  # positions that predict a next token
+  head = functools.partial(_head, embedding=embedding, cap=config.final_logit_soft_cap, chunk_size=chunk_size,
+                           max_chunk_bytes=max_chunk_bytes, save_logits=save_logits, max_saved_bytes=max_saved_bytes)
+  tokens = tokens.astype(jnp.int32)
+  zero = jnp.zeros((r, 1), jnp.float32)
+  if targets is not None and max_targets is not None and max_targets < t - 1:
+    want = jnp.asarray(targets)[:, 1:].astype(bool)  # [R, T - 1]: token t + 1 is read <-> the logits at t
+    order = jnp.argsort(jnp.logical_not(want), axis=1, stable=True)[:, :max_targets]  # [R, K] those t first
+    picked = jnp.take_along_axis(want, order, axis=1)
+    lp_k, _ = head(jnp.take_along_axis(hidden[:, :-1], order[..., None], axis=1),
+                   jnp.take_along_axis(tokens[:, 1:], order, axis=1), jnp.zeros(order.shape, jnp.float32))
+    lp = jnp.zeros(want.shape, jnp.float32).at[jnp.arange(r)[:, None], order].set(jnp.where(picked, lp_k, 0.0))
+    lp = jnp.where(jnp.any(jnp.sum(want, axis=1) > max_targets), jnp.nan, lp)
+    return LogProbs(jnp.concatenate([zero, lp], axis=1), _logit_sums(hidden, embedding, config, logit_sum_mask, head))
+  lp, sums = head(hidden[:, :-1], tokens[:, 1:], logit_sum_mask[:, :-1].astype(jnp.float32))
+  return LogProbs(jnp.concatenate([zero, lp], axis=1), jax.lax.stop_gradient(sums + _last_sums(
+      hidden, embedding, config, logit_sum_mask)))
+
+
+def _last_sums(hidden, embedding, config, logit_sum_mask) -> jax.Array:
+  """[R]: the vocabulary sums of the logits at the last position, where the mask has it (never in TRL's layout):
+  they predict nothing, so the chunked head leaves them out."""
+  return jnp.where(logit_sum_mask[:, -1], jnp.sum(logits_from_hidden(hidden[:, -1], embedding, config), -1), 0.0)
+
+
+def _logit_sums(hidden, embedding, config, logit_sum_mask, head) -> jax.Array:
+  """[R] `logit_sums` for the target-positions head, which computes no other logits (no gradient).
+
+  Uncapped: each position's vocabulary sum of the logits is h . sum_v E[v] (linear), a [D] vector, so no head
+  is needed. Soft-capped: a forward-only pass of the chunked head over every position.
+  """
+  hidden, embedding = jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(embedding)
+  mask = logit_sum_mask.astype(jnp.float32)
+  if config.final_logit_soft_cap is None:
+    column_sums = jnp.sum(embedding.astype(hidden.dtype).astype(jnp.float32), axis=0)
+    per_position = jnp.einsum("rtd,d->rt", hidden.astype(jnp.float32), column_sums,
+                              precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(per_position * mask, axis=1)
+  _, sums = head(hidden[:, :-1], jnp.zeros(hidden.shape[:2], jnp.int32)[:, 1:], mask[:, :-1])
+  return sums + _last_sums(hidden, embedding, config, logit_sum_mask)
+
+
+def _head(h: jax.Array, y: jax.Array, m: jax.Array, *, embedding: jax.Array, cap: float | None,
+          chunk_size: int | None, max_chunk_bytes: int, save_logits: bool | None,
+          max_saved_bytes: int) -> tuple[jax.Array, jax.Array]:
+  """The chunked head over N positions: h [R, N, D], y [R, N] int32 (the next tokens), m [R, N] f32 (the
+  logit-sum mask) -> (log p(y) [R, N], masked vocabulary sums of the logits [R])."""
+  r, n, _ = h.shape
   if save_logits is None:
     save_logits = r * n * embedding.shape[0] * 4 <= max_saved_bytes
   c = chunk_size or (n if save_logits else chunk_positions(r, embedding.shape[0], max_chunk_bytes))
@@ -83,20 +136,12 @@ def token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, c
   chunks = -(-n // c)
   pad = chunks * c - n
 
-  def split(x, fill):  # [R, n, ...] -> [chunks, R, C, ...]
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    x = x.reshape((r, chunks, c) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
+  def split(x):  # [R, N, ...] -> [chunks, R, C, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((r, chunks, c) + x.shape[2:]), 1, 0)
 
-  h = split(hidden[:, :-1], 0)
-  y = split(tokens[:, 1:].astype(jnp.int32), 0)
-  m = split(logit_sum_mask[:, :-1].astype(jnp.float32), 0)
-  lp, sums = _chunked_logprobs(config.final_logit_soft_cap, save_logits, h, y, m, embedding)
-  lp = jnp.moveaxis(lp, 0, 1).reshape(r, chunks * c)[:, :n]
-  lp = jnp.concatenate([jnp.zeros((r, 1), lp.dtype), lp], axis=1)
-  # The logits at the last position predict nothing but may enter the metric's sum (never in TRL's layout).
-  last = jnp.where(logit_sum_mask[:, -1], jnp.sum(logits_from_hidden(hidden[:, -1], embedding, config), -1), 0.0)
-  return LogProbs(lp, jax.lax.stop_gradient(sums + last))
+  lp, sums = _chunked_logprobs(cap, save_logits, split(h), split(y), split(m), embedding)
+  return jnp.moveaxis(lp, 0, 1).reshape(r, chunks * c)[:, :n], sums
 
 
 def naive_token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, config: TransformerConfig, *,
@@ -191,12 +236,14 @@ def fill_positions(input_mask: jax.Array) -> jax.Array:
 
 
 def model_logprobs(params, batch: dict[str, jax.Array], *, model, config: TransformerConfig | None = None,
-                   logit_sum_mask: jax.Array | None = None, chunk_size: int | None = None,
+                   logit_sum_mask: jax.Array | None = None, targets: jax.Array | None = None,
+                   max_targets: int | None = None, chunk_size: int | None = None,
                    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool | None = None,
                    max_saved_bytes: int = DEFAULT_SAVED_BYTES) -> LogProbs:
   """Runs `model` (a `Transformer`) on `batch` and returns the chunked `LogProbs` of its tokens.
 
   batch: tokens [R, T] int32, input_mask [R, T] bool; optional positions, segment_ids [R, T] (packing).
+  targets, max_targets: see `token_logprobs` (the head on the target positions only).
   """
   config = config or model.config
   tokens, mask = batch["tokens"], jnp.asarray(batch["input_mask"]).astype(bool)
@@ -206,7 +253,8 @@ def model_logprobs(params, batch: dict[str, jax.Array], *, model, config: Transf
   hidden, _ = model.apply({"params": params}, tokens, positions=positions, input_mask=mask,
                           segment_ids=batch.get("segment_ids"), return_hidden=True)
   return token_logprobs(hidden, params["embedder"]["input_embedding"], tokens, config,
-                        logit_sum_mask=logit_sum_mask, chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes,
+                        logit_sum_mask=logit_sum_mask, targets=targets, max_targets=max_targets,
+                        chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes,
                         save_logits=save_logits, max_saved_bytes=max_saved_bytes)
 
 

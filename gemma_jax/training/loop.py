@@ -129,7 +129,8 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   # -- optimizer, loss, state ----------------------------------------------------------------------------
   optimizer, schedule = optim.optimizer_from_config(config.optim, num_steps)
   model = Transformer(model_config, ctx)
-  loss_fn = objectives.make_loss_fn(config, model, model_config)
+  max_targets = data.max_targets()  # the head runs on that many positions per row (objectives that allow it)
+  loss_fn = objectives.make_loss_fn(config, model, model_config, max_targets)
   shapes = param_shapes(model_config)
   p_shardings = param_shardings(model_config, ctx)
   s_shardings = state_lib.state_shardings(optimizer, shapes, p_shardings, mesh)
@@ -151,7 +152,7 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   train_step = step_lib.jit_train_step(loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, mesh=mesh,
                                        state_shardings=s_shardings, aux_shardings=aux_shardings)
   # Eval scores each example alone (vmapped): its model has no sharding constraints, GSPMD places it.
-  eval_loss_fn = objectives.make_loss_fn(config, Transformer(model_config), model_config)
+  eval_loss_fn = objectives.make_loss_fn(config, Transformer(model_config), model_config, max_targets)
   eval_step = step_lib.jit_eval_step(loss_fn=eval_loss_fn, mesh=mesh, param_shardings=p_shardings,
                                      aux_shardings=aux_shardings, rows_per_example=objective.rows_per_example)
   best_eval = math.inf

@@ -37,7 +37,8 @@ def odds_ratio(chosen_logps: jax.Array, rejected_logps: jax.Array) -> jax.Array:
 
 
 def orpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: float = 0.1,
-              nll_target: Literal["sequence", "response"] = "sequence", chunk_size: int | None = None,
+              nll_target: Literal["sequence", "response"] = "sequence", max_targets: int | None = None,
+              chunk_size: int | None = None,
               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool | None = None,
               max_saved_bytes: int = DEFAULT_SAVED_BYTES
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -51,6 +52,8 @@ def orpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: 
     beta: lambda, the weight of the odds-ratio term (TRL's `beta`, default 0.1).
     nll_target: "sequence" (TRL and the official code: prompt + response, i.e. `nll_mask`) or "response"
       (LLaMA-Factory: the chosen rows' target_mask).
+    max_targets: a bound on the tokens each row's loss terms read (see `logprobs.token_logprobs`): the
+      response tokens, and with nll_target="sequence" every chosen token. None: the head on every position.
     chunk_size, max_chunk_bytes, save_logits, max_saved_bytes: see `logprobs.token_logprobs`.
 
   Returns (loss, metrics) with TRL's metric names, each a scalar:
@@ -70,15 +73,6 @@ def orpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: 
   r = mask.shape[0]
   b = r // 2
   logit_mask, positions = trl_logit_mask(mask)
-  out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=logit_mask,
-                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits,
-                       max_saved_bytes=max_saved_bytes)
-  lp = out.logprobs
-
-  sums, counts = masked_sums(lp, batch["target_mask"])
-  avg = sums / jnp.maximum(counts, 1.0)
-  chosen, rejected = split_pairs(avg)
-
   if nll_target == "sequence":
     nll_mask = batch.get("nll_mask")
     if nll_mask is None:
@@ -87,6 +81,16 @@ def orpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: 
     nll_mask = batch["target_mask"].astype(bool) & (jnp.arange(r) < b)[:, None]
   else:
     raise ValueError(f"nll_target must be 'sequence' or 'response', got {nll_target!r}")
+  target_mask = batch["target_mask"].astype(bool)
+  out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=logit_mask,
+                       targets=target_mask | nll_mask, max_targets=max_targets, chunk_size=chunk_size,
+                       max_chunk_bytes=max_chunk_bytes, save_logits=save_logits, max_saved_bytes=max_saved_bytes)
+  lp = out.logprobs
+
+  sums, counts = masked_sums(lp, target_mask)
+  avg = sums / jnp.maximum(counts, 1.0)
+  chosen, rejected = split_pairs(avg)
+
   nll_sum, nll_count = masked_sums(lp, nll_mask)
   nll = -jnp.sum(nll_sum) / jnp.maximum(jnp.sum(nll_count), 1.0)
 

@@ -57,6 +57,16 @@ class RunData:
                         f"{batch_size}; lower batch_size or add data")
     return steps
 
+  def max_targets(self) -> int | None:
+    """The most target tokens in any training or held-out row (a response, or an SFT example's targets),
+    rounded up to a multiple of 8: the static bound of the loss's target-positions head. None with packing
+    (a packed row holds several examples)."""
+    if self.packing:
+      return None
+    examples = list(self.train.examples) + (list(self.eval_data.examples) if self.eval_data is not None else [])
+    most = max(_target_count(ex) for ex in examples)
+    return max(8, -(-most // 8) * 8)
+
   @property
   def has_eval(self) -> bool:
     return self.eval_data is not None
@@ -73,6 +83,13 @@ class RunData:
     """Prompt ids (BOS ... generation prompt) of the first `n` held-out examples (training ones without)."""
     examples = (self.eval_data.examples if self.eval_data is not None else self.train.examples)[:n]
     return [np.asarray(ex.prompt if hasattr(ex, "prompt") else _sft_prompt(ex)) for ex in examples]
+
+
+def _target_count(ex) -> int:
+  """Target tokens of one row of `ex`: the longer response of a pair, or a sequence's targets."""
+  if hasattr(ex, "chosen_target"):
+    return int(max(np.sum(ex.chosen_target), np.sum(ex.rejected_target)))
+  return int(np.sum(ex.target))
 
 
 def _sft_prompt(ex) -> np.ndarray:

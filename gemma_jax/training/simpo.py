@@ -25,22 +25,25 @@ def simpo_losses(chosen_avg_logps, rejected_avg_logps, beta: float, gamma: float
 
 
 def simpo_loss(params, batch: dict[str, jax.Array], *, model, config=None, beta: float = 2.0, gamma: float = 0.5,
-               label_smoothing: float = 0.0, chunk_size: int | None = None,
+               label_smoothing: float = 0.0, max_targets: int | None = None, chunk_size: int | None = None,
                max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, save_logits: bool | None = None,
                max_saved_bytes: int = DEFAULT_SAVED_BYTES
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SimPO loss and metrics (TRL CPOTrainer names) for one preference batch.
 
   batch: R = 2B rows (chosen then rejected): tokens, input_mask, target_mask [R, T].
+  max_targets: a bound on the response tokens per row: the head runs on those positions only
+    (`logprobs.token_logprobs`); None: on every position.
   Metrics: rewards/{chosen,rejected,accuracies,margins} (rewards = beta * a), logps/chosen, logps/rejected
   (means of a_w, a_l), logits/chosen, logits/rejected (TRL's all-positions mean, see `orpo.orpo_loss`).
   """
   mask = jnp.asarray(batch["input_mask"]).astype(bool)
   logit_mask, positions = trl_logit_mask(mask)
-  out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=logit_mask,
-                       chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, save_logits=save_logits,
-                       max_saved_bytes=max_saved_bytes)
-  sums, counts = masked_sums(out.logprobs, batch["target_mask"].astype(bool) & mask)
+  targets = batch["target_mask"].astype(bool) & mask
+  out = model_logprobs(params, batch, model=model, config=config, logit_sum_mask=logit_mask, targets=targets,
+                       max_targets=max_targets, chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes,
+                       save_logits=save_logits, max_saved_bytes=max_saved_bytes)
+  sums, counts = masked_sums(out.logprobs, targets)
   chosen, rejected = split_pairs(sums / jnp.maximum(counts, 1.0))
   losses = simpo_losses(chosen, rejected, beta, gamma, label_smoothing)
   chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
