@@ -25,12 +25,14 @@ def get_config(arg: str | None = None):
   c.num_steps = 24
   c.optim.lr = 5e-5
   c.compute_dtype = "bfloat16"  # bf16 matmuls over f32 master weights: 1.27x faster on CPU (BENCHMARKS.md)
+  c.loss.orpo_lambda = 0.5  # a stronger odds-ratio term kept more facts than 0.1 (the sweep)
+  c.loss.nll_target = "response"  # the NLL term on the answers only (the ORPO paper's SFT term), not the questions
   c.loss.saved_logits_mib = 2048  # keep the [8, 96, 262144] f32 logits: no recomputed head in the backward
   c.eval.every = 12
   c.eval.at_start = True  # the base model's preference accuracy and stop rate, as step 0
   c.eval.max_batches = 8  # 32 held-out pairs per evaluation
   c.eval.num_samples = 16
-  c.eval.sample_tokens = 48
+  c.eval.sample_tokens = 32
   c.checkpoint.keep_best = False  # final/ is the model
   c.log_every = 1
   return c

@@ -43,7 +43,7 @@ PREFERENCE_ACCURACY = "eval_rewards/accuracies"  # chosen average log-prob above
 @dataclasses.dataclass(frozen=True)
 class DemoOptions:
   eval_limit: int = 0  # held-out questions the answers are measured on (0 = all)
-  max_new_tokens: int = 48  # reply budget: a reply that has not ended its turn by then did not stop
+  max_new_tokens: int = 32  # reply budget: a reply that has not ended its turn by then did not stop
   batch_size: int = 16  # sampling batch
   transcripts: int = 4  # questions shown side by side in the report
   mismatch_questions: int = 8  # tuned model asked without its template

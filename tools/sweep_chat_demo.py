@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _OUT = flags.DEFINE_string("out", "/tmp/chat-demo-sweep", "Directory for the runs and sweep.jsonl.")
 _POINTS = flags.DEFINE_string("points", "", "Overrides per point: 'a=1,b=2;a=3'.")
 _EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Held-out questions (0 = all).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 48, "Reply budget.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Reply budget.")
 
 
 def _value(text: str):

@@ -25,7 +25,7 @@ _CONFIG = cli.define_config_file("config", os.path.join(_ROOT, "configs", "chat_
                                  "Run config file of the ORPO step; override fields with --config.<field>=value.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/chat-demo", "Directory for the run, the report and the plots.")
 _EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 64, "Held-out questions to answer before and after (0 = all).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 48, "Reply budget; a reply not ended by then did not stop.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Reply budget; a reply not ended by then did not stop.")
 _BATCH = flags.DEFINE_integer("sample_batch", 16, "Sampling batch size.")
 _TRANSCRIPTS = flags.DEFINE_integer("transcripts", 4, "Questions shown side by side in the report.")
 
