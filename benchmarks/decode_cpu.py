@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 PROMPT = "Counting: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
-HF_PYTHON = "/opt/hfref/bin/python"
+# The peer's interpreter (torch + transformers): $GEMMA_JAX_HF_PYTHON, as in the tests.
+HF_PYTHON = os.environ.get("GEMMA_JAX_HF_PYTHON", "/opt/hfref/bin/python")
 
 HF_SCRIPT = r"""
 import json, os, sys, time

@@ -33,7 +33,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HFREF_PYTHON = "/opt/hfref/bin/python"
+# The peer's interpreter (torch + transformers + TRL): $GEMMA_JAX_HF_PYTHON, as in the tests.
+HFREF_PYTHON = os.environ.get("GEMMA_JAX_HF_PYTHON", "/opt/hfref/bin/python")
 BETA = 0.1
 LR = 5e-6
 
