@@ -86,6 +86,7 @@ def greedy_decode(model_config, params, prompt: list[int], stop_ids, max_new: in
   return out
 
 
+@pytest.mark.slow  # a whole run end to end: `bash scripts/test.sh --slow`
 def test_train_end_to_end(ws, tmp_path):
   workdir = str(tmp_path / "run")
   result = train(run_config(ws), workdir)
@@ -157,6 +158,7 @@ def test_train_end_to_end(ws, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # a whole run end to end: `bash scripts/test.sh --slow`
 def test_nonfinite_steps_are_skipped_then_the_run_stops(ws, tmp_path, monkeypatch):
   workdir = str(tmp_path / "nan")
   inject_nonfinite(monkeypatch, {3, 4, 5})
@@ -291,6 +293,7 @@ def test_a_mostly_skipped_run_fails_and_writes_no_final_model(ws, tmp_path, monk
   assert trained["skipped_steps"] == 1 and trained["steps"] == 4
 
 
+@pytest.mark.slow  # a whole run end to end: `bash scripts/test.sh --slow`
 def test_resuming_another_models_run_is_refused_and_keeps_it(ws, tmp_path, tiny_tokenizer):
   from helpers import tiny_config
   from gemma_jax.model import init_params
@@ -309,6 +312,7 @@ def test_resuming_another_models_run_is_refused_and_keeps_it(ws, tmp_path, tiny_
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
 
+@pytest.mark.slow  # a whole run end to end: `bash scripts/test.sh --slow`
 def test_a_finished_run_run_again_logs_nothing_twice(ws, tmp_path):
   import shutil
   workdir = str(tmp_path / "run")
@@ -338,6 +342,7 @@ def test_a_held_workdir_is_refused(ws, tmp_path):
     lock.release()
 
 
+@pytest.mark.slow  # a whole run end to end: `bash scripts/test.sh --slow`
 def test_a_signal_while_reading_data_stops_after_the_last_step(ws, tmp_path, monkeypatch):
   """SIGTERM outside a step (here: while the next batch is read) stops at once; resuming finishes the run
   bitwise as an uninterrupted one."""
