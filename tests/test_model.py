@@ -113,7 +113,7 @@ def test_cached_decode_equals_full_forward_past_the_window(family):
   params = init_params(config, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, config.vocab_size)
   model = Transformer(config)
-  full, _ = model.apply({"params": params}, tokens)
+  full, _ = jax.jit(model.apply)({"params": params}, tokens)
   cache = kv_cache.init_cache(config, 2, 32)
   step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
   out, cache = step(params, tokens[:, :9], cache)  # a prefill longer than the window (6)
@@ -130,16 +130,16 @@ def test_chunked_prefill_on_ring_buffer_with_left_padding():
   """Two chunks on top of a cache, rows left-padded to different lengths, equal the rows alone."""
   config = tiny_config("gemma2")
   params = init_params(config, jax.random.key(0))
-  model = Transformer(config)
+  apply = jax.jit(Transformer(config).apply)  # one compile per shape instead of op-by-op dispatch
   a = jax.random.randint(jax.random.key(2), (1, 17), 0, config.vocab_size)
   b = a[:, :12]
-  alone_a, _ = model.apply({"params": params}, a)
-  alone_b, _ = model.apply({"params": params}, b)
+  alone_a, _ = apply({"params": params}, a)
+  alone_b, _ = apply({"params": params}, b)
   tokens = jnp.concatenate([a, jnp.pad(b, ((0, 0), (5, 0)))], 0)
   mask = jnp.concatenate([jnp.ones((1, 17), bool), jnp.arange(17)[None] >= 5], 0)
   cache = kv_cache.init_cache(config, 2, 32)
-  l1, cache = model.apply({"params": params}, tokens[:, :10], input_mask=mask[:, :10], cache=cache)
-  l2, cache = model.apply({"params": params}, tokens[:, 10:], input_mask=mask[:, 10:], cache=cache)
+  l1, cache = apply({"params": params}, tokens[:, :10], input_mask=mask[:, :10], cache=cache)
+  l2, cache = apply({"params": params}, tokens[:, 10:], input_mask=mask[:, 10:], cache=cache)
   got = jnp.concatenate([l1, l2], 1)
   np.testing.assert_allclose(got[0], alone_a[0], atol=1e-4)
   np.testing.assert_allclose(got[1, 5:], alone_b[0], atol=1e-4)
@@ -150,10 +150,10 @@ def test_bf16_policy_keeps_softmax_norms_logits_f32():
   params = init_params(config, jax.random.key(0))
   assert params["embedder"]["input_embedding"].dtype == jnp.bfloat16
   tokens = jnp.arange(12)[None] % config.vocab_size
-  logits, _ = Transformer(config).apply({"params": params}, tokens)
+  logits, _ = jax.jit(Transformer(config).apply)({"params": params}, tokens)
   assert logits.dtype == jnp.float32
   f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-  ref, _ = Transformer(config.replace(dtype="float32", param_dtype="float32")).apply({"params": f32}, tokens)
+  ref, _ = jax.jit(Transformer(config.replace(dtype="float32", param_dtype="float32")).apply)({"params": f32}, tokens)
   assert float(jnp.max(jnp.abs(logits - ref))) < 0.15  # bf16 rounding only; the cap keeps |logits| <= 3
 
 
@@ -186,8 +186,9 @@ def test_remat_changes_nothing_numerically(remat):
   def loss(p, c):
     return jnp.mean(Transformer(c).apply({"params": p}, tokens)[0] ** 2)
 
-  g0 = jax.grad(loss)(params, config)
-  g1 = jax.grad(loss)(params, config.replace(remat=remat))
+  grad = jax.jit(jax.grad(loss), static_argnums=1)  # one compile per config instead of op-by-op dispatch
+  g0 = grad(params, config)
+  g1 = grad(params, config.replace(remat=remat))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 
