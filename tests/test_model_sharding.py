@@ -52,13 +52,14 @@ def test_sharded_forward_equals_unsharded(family, mesh):
   sharded = jax.jit(lambda p, t: Transformer(config, ctx).apply({"params": p}, t)[0])(
       params, jax.device_put(tokens, batch_sharding))
   host = jax.tree.map(np.asarray, params)
-  plain, _ = Transformer(config).apply({"params": host}, tokens)
+  plain, _ = jax.jit(Transformer(config).apply)({"params": host}, tokens)
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(plain), atol=1e-4)
 
 
 def test_preset_init_on_mesh_builds_only_shards():
-  """Compiling a gemma2-2b init over fsdp:8 gives each device 1/8 of the bytes (no full host copy)."""
-  config = TransformerConfig.gemma2_2b()
+  """Compiling a gemma2-2b init over fsdp:8 gives each device 1/8 of the bytes (no full host copy); two of its
+  26 layers: each layer is built the same way, and the compile takes a minute less."""
+  config = TransformerConfig.gemma2_2b(num_layers=2)
   ctx = ShardingContext(make_mesh("fsdp:8"))
   total = count_params(param_shapes(config)) * 4
   fn = jax.jit(make_init(config), out_shardings=param_shardings(config, ctx))
