@@ -27,7 +27,8 @@ import ml_collections
 
 from gemma_jax.answer_eval import AnswerEval, evaluate_answers, few_shot_examples, messages_of
 from gemma_jax.data.preference import parse_preference, render_pair
-from gemma_jax.errors import UserError
+from gemma_jax.data.records import Invalid, read_records
+from gemma_jax.errors import DataError, UserError
 from gemma_jax.sampling.chat import resolve_template
 from gemma_jax.sampling.loading import load_sampler
 from gemma_jax.templates import ChatTemplate
@@ -50,22 +51,13 @@ class DemoOptions:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """The records of a JSONL file; a line that is not a JSON object is one UserError naming the file and line."""
+  """The records of a data file (any format `data.records` reads) as dicts; the first record that cannot be
+  read is one UserError naming the file and line (the demo's data is ours: nothing is skipped)."""
   out = []
-  try:
-    with open(path, encoding="utf-8") as f:
-      for i, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rec = json.loads(line)
-        except ValueError as e:
-          raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove the line") from None
-        if not isinstance(rec, dict):
-          raise UserError(f"{path}:{i}: a record must be a JSON object")
-        out.append(rec)
-  except OSError as e:
-    raise UserError(f"{path}: cannot read ({e.strerror}); pass a JSONL file of preference records") from None
+  for rec in read_records(path):
+    if isinstance(rec, Invalid):
+      raise DataError(f"{rec}; fix or remove the line")
+    out.append(rec.data)
   return out
 
 
