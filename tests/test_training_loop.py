@@ -234,6 +234,19 @@ def test_other_objectives_train(ws, tmp_path, objective):
     assert "rewards/accuracies" in rows[0]
 
 
+def test_frozen_parameters_stay_as_they_were_and_a_resume_must_freeze_the_same(ws, tmp_path):
+  workdir = str(tmp_path / "run")
+  over = {"num_steps": 2, "data.eval": "", "optim.freeze": "embedder"}
+  result = train(run_config(ws, **over), workdir)
+  init, final = checkpoint.load(ws["init"]), checkpoint.load(result.final_dir)
+  np.testing.assert_array_equal(final.params["embedder"]["input_embedding"], init.params["embedder"]["input_embedding"])
+  assert not np.array_equal(final.params["layer_0"]["mlp"]["linear"], init.params["layer_0"]["mlp"]["linear"])
+  with pytest.raises(ConfigError, match=r"optim.freeze: 'embedder' saved, '' now"):
+    train(run_config(ws, **{**over, "num_steps": 4, "optim.freeze": ""}), workdir)
+  with pytest.raises(ConfigError, match=r"optim.freeze: 'embeder' matches no parameter"):
+    train(run_config(ws, **{**over, "optim.freeze": "embeder"}), str(tmp_path / "typo"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Nothing silently wrong: runs that cannot work are refused before any work, and say so in one line.
 

@@ -116,3 +116,17 @@ def test_adamw_matches_numpy_reference():
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
       np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
   assert float(sched(0)) == 0.0  # the first update of a warmed-up run has lr 0, as in HF
+
+
+def test_freeze_patterns_mask_paths_and_mistakes_are_config_errors():
+  mask = optim.trainable_mask(_tree(), "embedder, layer_0/mlp")
+  assert mask["embedder"]["input_embedding"] is False and mask["layer_0"]["mlp"]["linear"] is False
+  assert mask["layer_0"]["attn"]["q_einsum"]["w"] is True and mask["final_norm"]["scale"] is True
+  assert optim.trainable_mask(_tree(), " ") is None  # nothing frozen
+  with pytest.raises(ConfigError, match=r"optim.freeze: 'embeder' matches no parameter .*embedder/input_embedding"):
+    optim.trainable_mask(_tree(), "embeder")
+  with pytest.raises(ConfigError, match="optim.freeze: '\\(' is not a regular expression"):
+    optim.trainable_mask(_tree(), "(")
+  with pytest.raises(ConfigError, match="freezes every parameter"):
+    optim.trainable_mask(_tree(), ".")
+

@@ -176,3 +176,46 @@ def test_remat_and_bf16_compute(setup, baseline, overrides, tol):
   for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
     assert b.dtype == np.float32
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 if tol < 1e-3 else 5e-3)
+
+
+
+def test_frozen_parameters_get_no_gradient_no_moments_and_no_update(setup):
+  """freeze="embedder": the table is bitwise unchanged and holds no Adam moments; every other leaf takes the
+  reference AdamW step (clipped by the norm of their own gradients) without it; the compiled step does less
+  work than the full one (no backward pass into the table)."""
+  config, mesh, ctx, _, sched, _, params = setup
+  # eps 1e-3: Adam's first step is ~lr * sign(g), so a leaf whose gradient is ~0 would compare rounding noise.
+  tx, _ = optim.make_optimizer(lr=1e-2, schedule="constant", num_steps=10, weight_decay=0.1, clip_norm=0.05,
+                               eps=1e-3)
+  trainable = optim.trainable_mask(params, "embedder")
+  p_shardings = param_shardings(config, ctx)
+  model = Transformer(config, ctx)
+  loss_fn = lambda p, b, aux: orpo_loss(p, b, model=model, config=config, beta=0.1)
+  mb = stack(pref_batch(np.random.default_rng(3)))
+
+  def run(mask):
+    shardings = state_lib.state_shardings(tx, param_shapes(config), p_shardings, mesh, mask)
+    step = step_lib.jit_train_step(loss_fn=loss_fn, optimizer=tx, schedule=sched, mesh=mesh,
+                                   state_shardings=shardings, donate=False, trainable=mask)
+    state = jax.jit(lambda p: state_lib.create(p, tx, 0, mask), out_shardings=shardings)(params)
+    flops = step.lower(state, mb, None).compile().cost_analysis()["flops"]
+    new, metrics = step(state, mb, None)
+    return jax.device_get(new), metrics, flops
+
+  new, metrics, flops = run(trainable)
+  _, _, full_flops = run(None)
+  plain = Transformer(config)
+  mb_one = jax.tree.map(lambda x: x[0], mb)
+  grads = jax.jit(jax.grad(lambda p: orpo_loss(p, mb_one, model=plain, config=config, beta=0.1)[0]))(params)
+  rest = lambda t: {k: v for k, v in t.items() if k != "embedder"}
+  updates, _ = tx.update(rest(grads), tx.init(rest(params)), rest(params))
+  want = optax.apply_updates(rest(params), updates)
+
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.global_norm(rest(grads))), rtol=1e-5)
+  np.testing.assert_array_equal(new.params["embedder"]["input_embedding"], params["embedder"]["input_embedding"])
+  for a, b in zip(jax.tree.leaves(rest(new.params)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(new.params["layer_0"]["mlp"]["linear"], params["layer_0"]["mlp"]["linear"])
+  moments = sum(x.size for x in jax.tree.leaves(new.opt_state))
+  assert moments == sum(x.size for x in jax.tree.leaves(tx.init(rest(params))))  # 2 per trainable weight + counts
+  assert flops < full_flops

@@ -74,7 +74,7 @@ class Result:
 
 def check_resumable(run_ckpt: checkpointing.RunCheckpointer, step: int, model_config: TransformerConfig,
                     config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume a run checkpoint made for another model or objective, saying what differs."""
+  """Refuses to resume a run checkpoint made for another model, objective or frozen set, saying what differs."""
   meta = run_ckpt.read_meta(step)
   saved_model, saved_run = meta.get("model") or {}, meta.get("run") or {}
   now = model_config.to_dict()
@@ -82,8 +82,11 @@ def check_resumable(run_ckpt: checkpointing.RunCheckpointer, step: int, model_co
            if k in saved_model and saved_model[k] != now[k]]
   if saved_run.get("objective") not in (None, config.objective):
     diffs.append(f"objective: {saved_run.get('objective')!r} saved, {config.objective!r} now")
+  saved_freeze = (saved_run.get("optim") or {}).get("freeze", "")
+  if "optim" in saved_run and saved_freeze != config.optim.freeze:  # another optimizer-state tree
+    diffs.append(f"optim.freeze: {saved_freeze!r} saved, {config.optim.freeze!r} now")
   if diffs:
-    raise ConfigError(f"{workdir} holds a run of another model or objective (step {step}; "
+    raise ConfigError(f"{workdir} holds a run of another model, objective or frozen set (step {step}; "
                       f"{'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}). Its checkpoints are kept: to "
                       "resume it, run with its own config (config.json); to start this run, give it another "
                       "--workdir")
@@ -129,11 +132,12 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   # -- optimizer, loss, state ----------------------------------------------------------------------------
   optimizer, schedule = optim.optimizer_from_config(config.optim, num_steps)
   model = Transformer(model_config, ctx)
+  shapes = param_shapes(model_config)
+  trainable = optim.trainable_mask(shapes, config.optim.freeze)  # None: every parameter trains
   max_targets = data.max_targets()  # the head runs on that many positions per row (objectives that allow it)
   loss_fn = objectives.make_loss_fn(config, model, model_config, max_targets)
-  shapes = param_shapes(model_config)
   p_shardings = param_shardings(model_config, ctx)
-  s_shardings = state_lib.state_shardings(optimizer, shapes, p_shardings, mesh)
+  s_shardings = state_lib.state_shardings(optimizer, shapes, p_shardings, mesh, trainable)
 
   resume_step = None if config.checkpoint.resume_step < 0 else config.checkpoint.resume_step
   run_ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
@@ -150,14 +154,15 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   params = initial_params(start, model_config, ctx, config.seed) if fresh or objective.needs_reference else None
   aux, aux_shardings = (params, p_shardings) if objective.needs_reference else (None, None)
   train_step = step_lib.jit_train_step(loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, mesh=mesh,
-                                       state_shardings=s_shardings, aux_shardings=aux_shardings)
+                                       state_shardings=s_shardings, aux_shardings=aux_shardings,
+                                       trainable=trainable)
   # Eval scores each example alone (vmapped): its model has no sharding constraints, GSPMD places it.
   eval_loss_fn = objectives.make_loss_fn(config, Transformer(model_config), model_config, max_targets)
   eval_step = step_lib.jit_eval_step(loss_fn=eval_loss_fn, mesh=mesh, param_shardings=p_shardings,
                                      aux_shardings=aux_shardings, rows_per_example=objective.rows_per_example)
   best_eval = math.inf
   if not fresh:
-    target = state_lib.abstract_state(optimizer, shapes, s_shardings)
+    target = state_lib.abstract_state(optimizer, shapes, s_shardings, trainable)
     state, data_state, meta = run_ckpt.restore(latest, target)
     data.train.set_state(data_state)
     best_eval = meta.get("best_eval_loss")
@@ -165,7 +170,8 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
     _log(f"resumed from {run_ckpt.directory}/{latest}")
   else:
     keep = objective.needs_reference  # the reference keeps its buffers: the state gets copies, not them
-    create = lambda p: state_lib.create(jax.tree.map(jnp.copy, p) if keep else p, optimizer, config.seed)
+    create = lambda p: state_lib.create(jax.tree.map(jnp.copy, p) if keep else p, optimizer, config.seed,
+                                        trainable)
     state = jax.jit(create, in_shardings=(p_shardings,), out_shardings=s_shardings,
                     donate_argnums=() if keep else (0,))(params)
   del params

@@ -11,11 +11,17 @@ recipe ported from TRL or LLaMA-Factory means the same thing here:
 
 Weight decay is decoupled (AdamW) and by default skips norm scales and the embedding table (a mask on the
 parameter tree), as most fine-tuning recipes do.
+
+Frozen parameters (`optim.freeze`: comma-separated regular expressions searched in each parameter's path,
+e.g. "embedder" or "layer_(0|1)/"; paths are the tree's keys joined by "/", as `embedder/input_embedding` or
+`layer_3/mlp/linear`): `trainable_mask` marks them, and the optimizer runs on the rest only (see
+`state.trainable_part`), so they get no gradient, no update, no Adam moments and no weight decay.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import jax
@@ -79,6 +85,38 @@ def decay_mask(params: Any, *, decay_norms_and_embeddings: bool = False) -> Any:
     name = getattr(last, "key", getattr(last, "name", None))
     return name not in NO_DECAY_LEAVES
   return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def param_path(path) -> str:
+  """A tree path as "embedder/input_embedding"."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def trainable_mask(params: Any, freeze: str = "") -> Any | None:
+  """Tree of bools: False where a leaf's path matches one of the comma-separated patterns of `freeze`; None
+  (everything trains) when `freeze` is empty.
+
+  Every pattern must match at least one parameter and at least one parameter must stay trainable (a
+  ConfigError naming `optim.freeze` otherwise): a typo never silently trains everything.
+  """
+  patterns = [p.strip() for p in freeze.split(",") if p.strip()]
+  if not patterns:
+    return None
+  compiled = []
+  for p in patterns:
+    try:
+      compiled.append(re.compile(p))
+    except re.error as e:
+      raise ConfigError(f"optim.freeze: {p!r} is not a regular expression ({e})") from None
+  paths = [param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for p, rx in zip(patterns, compiled):
+    if not any(rx.search(q) for q in paths):
+      raise ConfigError(f"optim.freeze: {p!r} matches no parameter (paths look like {paths[0]!r}, {paths[-1]!r})")
+  mask = jax.tree_util.tree_map_with_path(lambda path, _: not any(rx.search(param_path(path)) for rx in compiled),
+                                          params)
+  if not any(jax.tree.leaves(mask)):
+    raise ConfigError(f"optim.freeze={freeze!r} freezes every parameter: nothing would train")
+  return mask
 
 
 def make_optimizer(*, lr: float, schedule: str = "cosine", num_steps: int, warmup: float = 0.0,

@@ -82,6 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.clip_norm = 1.0  # <= 0: no clipping
   c.optim.decay_norms_and_embeddings = False
+  # Parameters that do not train: comma-separated regular expressions searched in paths like
+  # "embedder/input_embedding" or "layer_3/mlp/linear" (e.g. "embedder" keeps the 262144-row table as it is).
+  c.optim.freeze = ""
 
   # --- devices ---------------------------------------------------------------------------------------------
   c.mesh = "fsdp:-1"  # axes data, fsdp, tensor; e.g. "data:2,fsdp:4" or "fsdp:-1,tensor:2"

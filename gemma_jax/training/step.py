@@ -7,6 +7,10 @@ sharded over the mesh's data and fsdp axes. Per-row arrays (e.g. DPO's `referenc
 `loss_fn(params, batch, aux) -> (loss, metrics)`: batch holds `[R, T]` arrays; aux is an extra input the loss
 reads but does not differentiate (frozen reference params for DPO, or None).
 
+`trainable` (a tree of bools like params, or None: all train; see `optim.trainable_mask`) marks the parameters
+that train: gradients are taken for those only (no backward work for the frozen ones, which `grad_norm` leaves
+out), and the optimizer state covers those only (`state.create(..., trainable)`).
+
 A step whose loss or gradients are not finite leaves params and optimizer state untouched (the step and
 data still advance) and counts itself in `nonfinite_run` / `nonfinite_total`; the loop decides when to stop.
 """
@@ -22,6 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma_jax.model.sharding import DEFAULT_RULES
+from gemma_jax.training import state as state_lib
 from gemma_jax.training.state import TrainState
 
 LossFn = Callable[[Any, dict[str, jax.Array], Any], tuple[jax.Array, dict[str, jax.Array]]]
@@ -47,17 +52,20 @@ def constrain_rows(mb: dict[str, jax.Array], mesh: Mesh | None) -> dict[str, jax
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], aux: Any, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               mesh: Mesh | None = None, trainable: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step over `A` microbatches (mean of their losses and gradients). Not jitted: see `jit_train_step`."""
-  grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(p, constrain_rows(mb, mesh), aux), has_aux=True)
+  train_params = state_lib.trainable_part(state.params, trainable)
+  frozen = state_lib.frozen_part(state.params, trainable)
+  grad_fn = jax.value_and_grad(
+      lambda p, mb: loss_fn(state_lib.merge(p, frozen, trainable), constrain_rows(mb, mesh), aux), has_aux=True)
   num_micro = jax.tree.leaves(batch)[0].shape[0]
   if num_micro == 1:
-    (loss, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
+    (loss, metrics), grads = grad_fn(train_params, jax.tree.map(lambda x: x[0], batch))
   else:
     def body(acc, mb):
-      (loss, metrics), grads = grad_fn(state.params, mb)
+      (loss, metrics), grads = grad_fn(train_params, mb)
       return jax.tree.map(jnp.add, acc, grads), (loss, metrics)
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, train_params)
     grads, (losses, metrics) = jax.lax.scan(body, zeros, batch)
     grads = jax.tree.map(lambda g: g / num_micro, grads)
     loss = jnp.mean(losses)
@@ -67,8 +75,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], aux: Any, *, loss
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def apply(_):
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), new_opt
+    updates, new_opt = optimizer.update(grads, state.opt_state, train_params)
+    return state_lib.merge(optax.apply_updates(train_params, updates), frozen, trainable), new_opt
 
   # A branch, not a select over the trees: the usual (finite) step makes no extra pass over params and moments.
   new_params, new_opt = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
@@ -87,10 +95,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], aux: Any, *, loss
 
 
 def jit_train_step(*, loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                   mesh: Mesh, state_shardings: TrainState, aux_shardings: Any = None, donate: bool = True):
+                   mesh: Mesh, state_shardings: TrainState, aux_shardings: Any = None, donate: bool = True,
+                   trainable: Any = None):
   """`step(state, batch, aux) -> (state, metrics)` jitted over the mesh; the state's buffers are donated."""
   replicated = NamedSharding(mesh, P())
-  fn = lambda s, b, a: train_step(s, b, a, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, mesh=mesh)
+  fn = lambda s, b, a: train_step(s, b, a, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, mesh=mesh,
+                                  trainable=trainable)
   return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh), aux_shardings),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
 
