@@ -24,7 +24,7 @@ from gemma_jax.model.config import TransformerConfig
 from helpers import tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3")
+NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3", "gemma4", "gemma4_kv")
 
 
 def st_tensors(path: str) -> dict[str, np.ndarray]:

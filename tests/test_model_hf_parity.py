@@ -1,7 +1,9 @@
-"""Logits parity with HF transformers on random tiny Gemma 1/2/3 models (fixtures: tools/make_hf_fixtures.py).
+"""Logits parity with HF transformers on random tiny Gemma 1-4 models (fixtures: tools/make_hf_fixtures.py).
 
 The fixtures cover MQA, MHA and GQA, head_dim != D/N, query_pre_attn_scalar != head_dim, soft-caps that bite,
-Gemma 3 QK-norm with local/global RoPE bases and linear scaling 8, and sequences longer than the window.
+Gemma 3 QK-norm with local/global RoPE bases and linear scaling 8, sequences longer than the window, and
+Gemma 4 (dense): unscaled queries, value norm, weight-scaled norms, layer scalars, global layers with their own
+head dim and proportional RoPE, and (gemma4_kv) keys = values with their own kv-head count.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import numpy as np
 import pytest
 
 from gemma_jax.convert.hf import read_hf
+from gemma_jax.model.config import AttentionType
 from gemma_jax.model.transformer import Transformer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3")
+NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3", "gemma4", "gemma4_kv")
 TOL = 1e-4
 
 
@@ -56,6 +59,15 @@ def test_fixtures_exercise_the_features():
   assert t2.shape[1] > 2 * c2.sliding_window_size and t3.shape[1] > 2 * c3.sliding_window_size
   assert c3.global_scale_factor == 8.0 and c3.local_base_frequency != c3.global_base_frequency
   assert "local" in [t.value for t in c3.attention_types] and "global" in [t.value for t in c3.attention_types]
+  c4, p4, t4, _ = load("gemma4")
+  c4kv, p4kv, _, _ = load("gemma4_kv")
+  assert c4.family == "gemma4" and c4.head_dim_of(AttentionType.GLOBAL) == 2 * c4.head_dim
+  assert c4.global_rope_fraction == 0.25 and not c4.norm_plus_one and c4.query_scale == 1.0
+  assert t4.shape[1] > 2 * c4.sliding_window_size and c4.attention_types[-1] == AttentionType.GLOBAL
+  assert c4kv.global_k_eq_v and c4kv.kv_heads_of(AttentionType.GLOBAL) == 1 < c4kv.num_kv_heads
+  assert "k_einsum" in p4kv["layer_5"]["attn"] and "kv_einsum" in p4kv["layer_0"]["attn"]
+  scalars = [float(p4[f"layer_{i}"]["layer_scalar"][0]) for i in range(c4.num_layers)]
+  assert min(scalars) < 0.9 and max(scalars) > 1.1  # the fixture's scalars are not all 1
 
 
 def test_soft_caps_bite():
@@ -108,3 +120,25 @@ def test_packed_rows_match_separate_rows(name):
   ours = forward(config, params, packed, positions=positions, segment_ids=segment_ids, input_mask=input_mask)[0]
   assert np.abs(ours[:T] - ref[0]).max() < TOL
   assert np.abs(ours[T:T + cut] - ref[1, :cut]).max() < TOL
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma4", "gemma4_kv"])
+def test_prefill_then_cached_decoding_matches_transformers(name):
+  """A prefill of 5 tokens, then one token at a time through the KV cache (ring buffers on sliding layers,
+  Gemma 4's global layers with their own cache shapes), past twice the window: every position's logits
+  equal HF's full-sequence ones."""
+  from gemma_jax.model import kv_cache
+  config, params, tokens, ref = load(name)
+  model = Transformer(config)
+  step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+  cache = kv_cache.init_cache(config, tokens.shape[0], tokens.shape[1])
+  g = AttentionType.GLOBAL
+  want_shape = (tokens.shape[0], tokens.shape[1], config.kv_heads_of(g), config.head_dim_of(g))
+  assert cache[f"layer_{config.attention_types.index(g)}"]["k"].shape == want_shape
+  logits, cache = step(params, tokens[:, :5], cache)
+  outs = [np.asarray(logits)]
+  for i in range(5, tokens.shape[1]):
+    logits, cache = step(params, tokens[:, i:i + 1], cache)
+    outs.append(np.asarray(logits))
+  err = np.abs(np.concatenate(outs, axis=1) - ref).max()
+  assert tokens.shape[1] > 2 * config.sliding_window_size and err < TOL, err

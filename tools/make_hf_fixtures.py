@@ -5,6 +5,7 @@ Regenerate (needs the reference venv with torch + transformers; gemma_jax itself
     /opt/hfref/bin/python tools/make_hf_fixtures.py              # everything
     /opt/hfref/bin/python tools/make_hf_fixtures.py --only=tiny  # tests/fixtures/hf/ only
     /opt/hfref/bin/python tools/make_hf_fixtures.py --only=real  # tests/fixtures/real_270m/ only
+    /opt/hfref/bin/python tools/make_hf_fixtures.py --only=gemma4  # tests/fixtures/hf/gemma4_*/ only
 
 Outputs (all small, committed):
   tests/fixtures/hf/<name>/      random tiny HF models, f32, seeded: config.json + model.safetensors, plus
@@ -186,14 +187,33 @@ def tiny_specs():
   }
 
 
+def gemma4_specs():
+  """Gemma 4 (text, dense): 7 layers = 5 local, 1 global, 1 global (HF forces the last one); window 6; global
+  layers with head dim 32 (16 local) and proportional RoPE on a quarter of the pairs; no per-layer inputs."""
+  from transformers import Gemma4TextConfig
+  common = dict(num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                global_head_dim=32, final_logit_softcapping=4.0, hidden_activation="gelu_pytorch_tanh",
+                hidden_size_per_layer_input=0, vocab_size_per_layer_input=VOCAB, **COMMON)
+  return {
+      # K = V on global layers, which also have their own (smaller) kv-head count.
+      "gemma4_kv": (Gemma4TextConfig(attention_k_eq_v=True, num_global_key_value_heads=1, **common), 32),
+      "gemma4": (Gemma4TextConfig(**common), 32),
+  }
+
+
 def _init_weights(model, seed: int) -> None:
   """Replaces HF's tiny init (std 0.02) so activations are O(1): linear layers ~ 1/sqrt(fan_in) (q/k x1.5
-  so attention logits are large enough for the caps to bite), embedding N(0, 1), norm scales N(0, 0.3)."""
+  so attention logits are large enough for the caps to bite), embedding N(0, 1), norm scales N(0, 0.3)
+  (Gemma 4, whose norms multiply by the weight itself: 1 + N(0, 0.3)); Gemma 4's layer scalars U(0.5, 1.5)."""
   rng = np.random.default_rng(seed)
+  plain_norms = model.config.model_type.startswith("gemma4")
   with torch.no_grad():
+    for name, b in model.named_buffers():
+      if name.endswith("layer_scalar"):
+        b.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, b.shape).astype(np.float32)))
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
-        w = rng.normal(0.0, 0.3, p.shape)
+        w = rng.normal(1.0 if plain_norms else 0.0, 0.3, p.shape)
       elif "embed_tokens" in name:
         w = rng.normal(0.0, 1.0, p.shape)
       else:
@@ -222,13 +242,14 @@ class _TanhRecorder:
     torch.tanh = self._orig
 
 
-def make_tiny(out_dir: str) -> None:
+def make_tiny(out_dir: str, specs: dict, first_seed: int = 0, replace_all: bool = True) -> None:
+  """Writes one directory per spec; replace_all: out_dir is rebuilt, else only those directories change."""
   from transformers import AutoModelForCausalLM
 
   tmp = out_dir + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  for seed, (name, (cfg, seq_len)) in enumerate(tiny_specs().items()):
+  for seed, (name, (cfg, seq_len)) in enumerate(specs.items(), start=first_seed):
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
@@ -260,20 +281,28 @@ def make_tiny(out_dir: str) -> None:
     print(f"[tiny] {name}: logits {logits.shape} std {logits.std():.2f}", flush=True)
     if name in BF16_COPIES:  # a bf16 checkpoint written by transformers, for the bf16 round-trip test
       model.to(torch.bfloat16).save_pretrained(os.path.join(tmp, name + "_bf16"), safe_serialization=True)
-  shutil.rmtree(out_dir, ignore_errors=True)
-  os.replace(tmp, out_dir)
+  if replace_all:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return
+  for name in os.listdir(tmp):
+    shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+  os.rmdir(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--only", choices=["tiny", "real"], default=None)
+  ap.add_argument("--only", choices=["tiny", "gemma4", "real"], default=None)
   ap.add_argument("--out", default=FIXTURES)
   args = ap.parse_args(argv)
   torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
   if args.only in (None, "tiny"):
-    make_tiny(os.path.join(args.out, "hf"))
+    make_tiny(os.path.join(args.out, "hf"), tiny_specs())
+  if args.only in (None, "tiny", "gemma4"):
+    make_tiny(os.path.join(args.out, "hf"), gemma4_specs(), first_seed=len(tiny_specs()), replace_all=False)
   if args.only in (None, "real"):
     make_real(os.path.join(args.out, "real_270m"))
 

@@ -1,4 +1,4 @@
-"""transformers config.json <-> our TransformerConfig (Gemma / Gemma2 / Gemma3 text, multimodal Gemma 3's LM).
+"""transformers config.json <-> our TransformerConfig (Gemma 1-4 text; the language model of multimodal Gemma 3/4).
 
     config_from_hf(json_dict, source) -> TransformerConfig    legacy hub keys and transformers >= 5 keys
     config_to_hf(config, vocab_rows, dtype) -> dict           what transformers >= 5 writes
@@ -15,13 +15,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from gemma_jax.errors import CheckpointError, ConfigError
-from gemma_jax.model.config import AttentionType, TransformerConfig, match_preset
+from gemma_jax.model.config import AttentionType, TransformerConfig, attention_pattern, match_preset
 
 # transformers model types / architectures we read (the language model of multimodal Gemma 3 included)
-HF_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+HF_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4")
 HF_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                    "Gemma3ForConditionalGeneration")
-FAMILY_OF = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+                    "Gemma3ForConditionalGeneration", "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
+FAMILY_OF = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma4_text": "gemma4"}
+MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}  # model type -> its language model's
 
 # HF's defaults for keys a hub config.json may leave out (the config classes' defaults).
 _HF_DEFAULTS = {
@@ -37,7 +38,15 @@ _HF_DEFAULTS = {
                         rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
                         query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
                         final_logit_softcapping=None, attn_logit_softcapping=None),
+    "gemma4_text": dict(vocab_size=262144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                        rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                        query_pre_attn_scalar=1.0, sliding_window=512, final_logit_softcapping=None,
+                        attn_logit_softcapping=None, hidden_size_per_layer_input=256, global_head_dim=512),
 }
+# Gemma 4 features our model does not implement yet: (config key, the value that means "off").
+GEMMA4_NOT_YET = (("hidden_size_per_layer_input", 0), ("num_kv_shared_layers", 0), ("enable_moe_block", False),
+                  ("use_double_wide_mlp", False))
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 
 # The official (Flax) embedding rows and HF's for the same tokenizer.
@@ -61,6 +70,42 @@ def _rope(params: Any, source: str, default_theta: float, key: str = "rope_param
   if kind == "linear":
     return theta, _number(params, "factor", source, 1.0, where=f"{key}.")
   raise _rope_error(source, f"rope_type={kind!r}")
+
+
+def _gemma4_rope(rp: Any, source: str) -> tuple[float, float, float]:
+  """(local base, global base, global rotated fraction) of a Gemma 4 rope_parameters dict."""
+  if not isinstance(rp, Mapping) or "full_attention" not in rp:
+    raise CheckpointError(f"{source}: Gemma 4 needs rope_parameters per layer type, got {rp!r}")
+  full, local = dict(rp["full_attention"] or {}), dict(rp.get("sliding_attention") or {})
+  if local.get("rope_type", "default") != "default" or full.get("rope_type") not in ("proportional", "default"):
+    raise _rope_error(source, f"{full.get('rope_type')!r} / {local.get('rope_type')!r} (Gemma 4: proportional on "
+                      "global layers, default on sliding ones)")
+  if _number(full, "factor", source, 1.0, where="rope_parameters.full_attention.") != 1.0:
+    raise _rope_error(source, "a scaling factor on Gemma 4 global layers")
+  fraction = _number(full, "partial_rotary_factor", source, 1.0, where="rope_parameters.full_attention.")
+  if full.get("rope_type") == "default":
+    fraction = 1.0
+  return (_number(local, "rope_theta", source, 10_000.0, where="rope_parameters.sliding_attention."),
+          _number(full, "rope_theta", source, 1_000_000.0, where="rope_parameters.full_attention."), fraction)
+
+
+def _gemma4_global_dims(c: Mapping[str, Any], types: list[AttentionType], source: str) -> tuple[int, int | None]:
+  """(global head dim, global kv heads or None) from `global_head_dim` / `num_global_key_value_heads` or the
+  `per_layer_config` transformers saves (the same values on every global layer)."""
+  per_layer = c.get("per_layer_config")
+  if isinstance(per_layer, Mapping) and per_layer:
+    globals_ = [per_layer.get(str(i), per_layer.get(i)) for i, t in enumerate(types) if t == AttentionType.GLOBAL]
+    if any(not isinstance(g, Mapping) for g in globals_) or len({json_key(g) for g in globals_}) != 1:
+      raise CheckpointError(f"{source}: per_layer_config must give every full_attention layer the same settings")
+    g = globals_[0]
+    kv = g.get("num_key_value_heads")
+    return _number(g, "head_dim", source, c["head_dim"], integer=True), (None if kv is None else int(kv))
+  kv = c.get("num_global_key_value_heads") if c.get("attention_k_eq_v") else None
+  return _number(c, "global_head_dim", source, 512, integer=True), (None if kv is None else int(kv))
+
+
+def json_key(d: Mapping[str, Any]) -> str:
+  return repr(sorted(d.items()))
 
 
 # config.json fields and the JSON types they must have (a string where a number belongs is refused, not cast).
@@ -109,12 +154,12 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
   if not isinstance(cfg, Mapping):
     raise CheckpointError(f"{source}: expected a JSON object")
   model_type = cfg.get("model_type")
-  if model_type == "gemma3":  # multimodal: the language model's config
+  if model_type in MULTIMODAL:  # multimodal: the language model's config
     text = cfg.get("text_config")
     if text is not None and not isinstance(text, Mapping):
       raise CheckpointError(f"{source}: text_config must be an object, got {text!r}")
     cfg = dict(text or {})
-    cfg.setdefault("model_type", "gemma3_text")
+    cfg.setdefault("model_type", MULTIMODAL[model_type])
     model_type = cfg["model_type"]
   if not isinstance(model_type, str) or model_type not in FAMILY_OF:
     raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; this converter reads Gemma "
@@ -135,6 +180,11 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
   if c.get("tie_word_embeddings") is False:
     raise CheckpointError(f"{source}: tie_word_embeddings=false is not supported (Gemma ties the output head)")
 
+  if family == "gemma4":
+    for key, off in GEMMA4_NOT_YET:
+      if c.get(key, off) not in (off, None):
+        raise CheckpointError(f"{source}: {key}={c[key]!r} is a Gemma 4 feature this version does not implement "
+                              "yet (dense Gemma 4 only: no per-layer inputs, KV sharing, double-wide MLP or MoE)")
   num_layers = int(c["num_hidden_layers"])
   if not 1 <= num_layers <= 4096:  # the per-layer lists below are built before the config is validated
     raise CheckpointError(f"{source}: num_hidden_layers={num_layers} is not a plausible number of layers")
@@ -152,6 +202,8 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
     if pattern < 1:
       raise CheckpointError(f"{source}: sliding_window_pattern must be >= 1, got {pattern}")
     types = [AttentionType.LOCAL if (i + 1) % pattern else AttentionType.GLOBAL for i in range(num_layers)]
+  elif family == "gemma4":  # HF's default: 5 sliding, 1 full, and the last layer full
+    types = list(attention_pattern("gemma4", num_layers))
   elif family == "gemma2":
     types = [AttentionType.LOCAL if i % 2 == 0 else AttentionType.GLOBAL for i in range(num_layers)]
   else:
@@ -162,7 +214,11 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
   # RoPE: transformers >= 5 `rope_parameters` (per layer type for G3); legacy rope_theta/rope_local_base_freq/
   # rope_scaling.
   rp = cfg.get("rope_parameters")
-  if family == "gemma3":
+  fraction = 1.0
+  if family == "gemma4":
+    local_base, global_base, fraction = _gemma4_rope(rp, source)
+    scale = 1.0
+  elif family == "gemma3":
     if rp is not None and not isinstance(rp, Mapping):
       raise CheckpointError(f"{source}: rope_parameters must be an object, got {rp!r}")
     if rp and ("full_attention" in rp or "sliding_attention" in rp):
@@ -187,6 +243,14 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
   head_dim = int(c["head_dim"])
   qpas = head_dim if family == "gemma1" else c["query_pre_attn_scalar"]
   g2or3 = family != "gemma1"
+  g4 = {}
+  if family == "gemma4":  # queries unscaled; own dims on global layers; plain-scale norms; value norm
+    global_head_dim, global_kv = _gemma4_global_dims(c, types, source)
+    g4 = dict(global_head_dim=global_head_dim if global_head_dim != head_dim else None,
+              num_global_kv_heads=global_kv if global_kv != int(c["num_key_value_heads"]) else None,
+              global_k_eq_v=bool(c.get("attention_k_eq_v")), use_value_norm=True, global_rope_fraction=fraction,
+              norm_plus_one=False, use_layer_scalar=True)
+    qpas = 1.0
   try:
     config = TransformerConfig(
         family=family, num_layers=num_layers, embed_dim=int(c["hidden_size"]),
@@ -196,10 +260,10 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
         sliding_window_size=None if window is None else int(window),
         attn_logits_soft_cap=_opt_float(c.get("attn_logit_softcapping")) if g2or3 else None,
         final_logit_soft_cap=_opt_float(c.get("final_logit_softcapping")) if g2or3 else None,
-        use_post_attn_norm=g2or3, use_post_ffw_norm=g2or3, use_qk_norm=family == "gemma3",
+        use_post_attn_norm=g2or3, use_post_ffw_norm=g2or3, use_qk_norm=family in ("gemma3", "gemma4"),
         local_base_frequency=float(local_base), global_base_frequency=float(global_base),
         global_scale_factor=float(scale), max_seq_len=int(c["max_position_embeddings"]),
-        norm_eps=float(c["rms_norm_eps"]))
+        norm_eps=float(c["rms_norm_eps"]), **g4)
   except ConfigError as e:
     raise CheckpointError(f"{source}: {e}") from None
   preset = match_preset(config)
@@ -241,17 +305,25 @@ def config_to_hf(config: TransformerConfig, vocab_rows: int | None = None, dtype
   elif fam == "gemma2":
     if c.use_qk_norm or not (c.use_post_attn_norm and c.use_post_ffw_norm):
       refuse("HF Gemma2 has post-norms and no QK-norm")
-  else:
+  elif fam == "gemma3":
     if not (c.use_qk_norm and c.use_post_attn_norm and c.use_post_ffw_norm):
       refuse("HF Gemma3 has QK-norm and post-norms")
-  if fam != "gemma3" and (c.local_base_frequency != c.global_base_frequency or c.global_scale_factor != 1.0):
+  else:
+    if not (c.use_qk_norm and c.use_post_attn_norm and c.use_post_ffw_norm and c.use_value_norm
+            and c.use_layer_scalar and not c.norm_plus_one and c.query_scale == 1.0):
+      refuse("HF Gemma4 has QK-, value- and post-norms scaled by their weight, layer scalars and unscaled queries")
+    if c.attn_logits_soft_cap is not None or c.global_scale_factor != 1.0:
+      refuse("HF Gemma4 has no attention soft-cap and no RoPE scaling")
+    if c.num_global_kv_heads is not None and not c.global_k_eq_v:
+      refuse("HF Gemma4 gives global layers their own kv-head count only with attention_k_eq_v")
+  if fam not in ("gemma3", "gemma4") and (c.local_base_frequency != c.global_base_frequency or c.global_scale_factor != 1.0):
     refuse("HF Gemma 1/2 use one RoPE base and no scaling")
 
   layer_types = ["sliding_attention" if t == AttentionType.LOCAL else "full_attention" for t in c.attention_types]
   out: dict[str, Any] = {
       "architectures": [{"gemma1": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                         "gemma3": "Gemma3ForCausalLM"}[fam]],
-      "model_type": {"gemma1": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}[fam],
+                         "gemma3": "Gemma3ForCausalLM", "gemma4": "Gemma4ForCausalLM"}[fam]],
+      "model_type": {"gemma1": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text", "gemma4": "gemma4_text"}[fam],
       "vocab_size": int(vocab_rows if vocab_rows is not None else hf_vocab_rows(c)),
       "hidden_size": c.embed_dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.num_layers,
       "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
@@ -264,6 +336,8 @@ def config_to_hf(config: TransformerConfig, vocab_rows: int | None = None, dtype
     out["rope_parameters"] = {"rope_type": "default", "rope_theta": c.global_base_frequency}
     return out
   out["hidden_activation"] = "gelu_pytorch_tanh"
+  if fam == "gemma4":
+    return _gemma4_to_hf(c, out, layer_types)
   out["query_pre_attn_scalar"] = _num(c.query_pre_attn_scalar)
   out["sliding_window"] = c.sliding_window_size if c.sliding_window_size is not None else c.max_seq_len
   out["layer_types"] = layer_types
@@ -278,6 +352,23 @@ def config_to_hf(config: TransformerConfig, vocab_rows: int | None = None, dtype
   out["rope_parameters"] = {"full_attention": full,
                             "sliding_attention": {"rope_type": "default", "rope_theta": c.local_base_frequency}}
   out["use_bidirectional_attention"] = False
+  return out
+
+
+def _gemma4_to_hf(c: TransformerConfig, out: dict, layer_types: list[str]) -> dict:
+  g = AttentionType.GLOBAL
+  out.update({
+      "sliding_window": c.sliding_window_size if c.sliding_window_size is not None else c.max_seq_len,
+      "layer_types": layer_types, "final_logit_softcapping": c.final_logit_soft_cap,
+      "global_head_dim": c.head_dim_of(g), "attention_k_eq_v": c.global_k_eq_v,
+      "rope_parameters": {
+          "full_attention": {"rope_type": "proportional", "partial_rotary_factor": c.global_rope_fraction,
+                             "rope_theta": c.global_base_frequency},
+          "sliding_attention": {"rope_type": "default", "rope_theta": c.local_base_frequency}},
+      "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": out["vocab_size"], "num_kv_shared_layers": 0,
+      "enable_moe_block": False, "use_double_wide_mlp": False, "use_bidirectional_attention": None})
+  if c.global_k_eq_v:
+    out["num_global_key_value_heads"] = c.kv_heads_of(g)
   return out
 
 

@@ -12,6 +12,7 @@ docs/WEIGHTS.md):
     attn/kv_einsum/w [2, K, D, H]           self_attn.{k,v}_proj.weight [K*H, D]
     attn/qkv_einsum/w [3, N, D, H] (K = N)  self_attn.{q,k,v}_proj.weight [N*H, D]
     attn/attn_vec_einsum/w [N, H, D]        self_attn.o_proj.weight [D, N*H]
+    attn/k_einsum/w [K, D, H] (Gemma 4)     self_attn.k_proj.weight [K*H, D]  (global layers with K = V)
     attn/_query_norm, _key_norm [H]         self_attn.q_norm, k_norm
     mlp/gating_einsum [2, F, D]             mlp.gate_proj, up_proj [F, D]
     mlp/linear [F, D]                       mlp.down_proj [D, F]
@@ -19,7 +20,10 @@ docs/WEIGHTS.md):
     post_attention_norm (G2/G3)             post_attention_layernorm
     pre_ffw_norm                            pre_feedforward_layernorm; in Gemma 1: post_attention_layernorm (!)
     post_ffw_norm                           post_feedforward_layernorm
+    layer_scalar [1] (Gemma 4)              layer_scalar
     final_norm                              model.norm
+
+K and H are each layer's own: Gemma 4's global layers have theirs.
 """
 
 from __future__ import annotations
@@ -41,7 +45,11 @@ def _layer_map(config: TransformerConfig, i: int) -> list[tuple[tuple[str, ...],
   L = f"layer_{i}"
   a = p + "self_attn."
   rows = []
-  if c.num_kv_heads == c.num_heads:
+  t = c.attention_types[i]
+  if c.k_eq_v(t):  # Gemma 4 global layers: k_proj gives keys and values, there is no v_proj
+    rows.append(((L, "attn", "q_einsum", "w"), [a + "q_proj.weight"], "heads1"))
+    rows.append(((L, "attn", "k_einsum", "w"), [a + "k_proj.weight"], "heads1"))
+  elif c.kv_heads_of(t) == c.num_heads:
     rows.append(((L, "attn", "qkv_einsum", "w"), [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
                  "heads"))
   else:
@@ -62,6 +70,8 @@ def _layer_map(config: TransformerConfig, i: int) -> list[tuple[tuple[str, ...],
     rows.append(((L, "pre_ffw_norm", "scale"), [p + "pre_feedforward_layernorm.weight"], "none"))
   if c.use_post_ffw_norm:
     rows.append(((L, "post_ffw_norm", "scale"), [p + "post_feedforward_layernorm.weight"], "none"))
+  if c.use_layer_scalar:
+    rows.append(((L, "layer_scalar"), [p + "layer_scalar"], "none"))
   return rows
 
 
@@ -77,10 +87,11 @@ def name_map(config: TransformerConfig) -> list[tuple[tuple[str, ...], list[str]
 def hf_shapes(config: TransformerConfig, vocab_rows: int | None = None) -> dict[str, tuple[int, ...]]:
   """HF tensor name (without prefix) -> shape."""
   c = config
-  D, F, N, K, H = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim
+  D, F, N = c.embed_dim, c.hidden_dim, c.num_heads
   V = c.vocab_size if vocab_rows is None else vocab_rows
   out = {}
-  for _, names, _ in name_map(config):
+  for path, names, _ in name_map(config):
+    K, H = _layer_dims(c, path)
     for n in names:
       if n == "embed_tokens.weight":
         s = (V, D)
@@ -96,15 +107,25 @@ def hf_shapes(config: TransformerConfig, vocab_rows: int | None = None) -> dict[
         s = (F, D)
       elif n.endswith("down_proj.weight"):
         s = (D, F)
+      elif n.endswith("layer_scalar"):
+        s = (1,)
       else:
         s = (D,)
       out[n] = s
   return out
 
 
-def _to_ours(config: TransformerConfig, kind: str, ts: list[np.ndarray]) -> np.ndarray:
+def _layer_dims(config: TransformerConfig, path: tuple[str, ...]) -> tuple[int, int]:
+  """(K, H) of the layer a parameter path belongs to (Gemma 4's global layers have their own)."""
+  if not path[0].startswith("layer_"):
+    return config.num_kv_heads, config.head_dim
+  t = config.attention_types[int(path[0].split("_")[1])]
+  return config.kv_heads_of(t), config.head_dim_of(t)
+
+
+def _to_ours(config: TransformerConfig, kind: str, ts: list[np.ndarray], H: int) -> np.ndarray:
   c = config
-  D, H = c.embed_dim, c.head_dim
+  D = c.embed_dim
   if kind == "none":
     return ts[0]
   if kind == "heads1":  # [N*H, D] -> [N, D, H]
@@ -122,7 +143,7 @@ def _to_ours(config: TransformerConfig, kind: str, ts: list[np.ndarray]) -> np.n
 
 def _to_hf(config: TransformerConfig, kind: str, w: np.ndarray) -> list[np.ndarray]:
   c = config
-  D, H = c.embed_dim, c.head_dim
+  D = c.embed_dim
   if kind == "none":
     return [w]
   if kind == "heads1":  # [N, D, H] -> [N*H, D]
@@ -208,7 +229,7 @@ def params_from_hf(config: TransformerConfig, names: Mapping[str, tuple[int, ...
   params: dict[str, Any] = {}
   rows = name_map(config)
   for path, hf_names, kind in progress_bar(rows, desc="reading tensors", unit="tensor", disable=not progress):
-    w = _to_ours(config, kind, [load(prefix + n) for n in hf_names])
+    w = _to_ours(config, kind, [load(prefix + n) for n in hf_names], _layer_dims(config, path)[1])
     if path == ("embedder", "input_embedding") and vocab_rows is not None:
       w = _pad_rows(w, vocab_rows)
     node = params

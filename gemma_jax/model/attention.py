@@ -1,7 +1,9 @@
 """Multi-head attention with GQA/MQA, QK-norm, RoPE, soft-capping, sliding windows and a KV cache.
 
 Letters: B batch, T query length, S key length, D model, N query heads, K kv heads, G = N / K heads per kv
-head, H head dim.
+head, H head dim. K and H are the layer's own (`config.kv_heads_of` / `head_dim_of`): Gemma 4's global layers
+have more dims and fewer kv heads, and may take keys and values from one projection (`k_einsum`), with a
+scale-free norm on the values and RoPE on a fraction of the pairs.
 
 Visibility is decided by positions alone: key position p is visible from query position q iff
 `0 <= p <= q` (and `q - W < p` on sliding-window layers), and, for packed rows, the segments match.
@@ -16,12 +18,13 @@ import jax.numpy as jnp
 
 from gemma_jax.model import kv_cache
 from gemma_jax.model.config import AttentionType, TransformerConfig
-from gemma_jax.model.layers import XLA, Einsum, Matmul, RMSNorm, soft_cap
+from gemma_jax.model.layers import XLA, Einsum, Matmul, RMSNorm, rms_normalize, soft_cap
 from gemma_jax.model.rope import apply_rope
 from gemma_jax.model.sharding import ShardingContext, constrain
 
 # The projections (see `Attention.__call__`).
 Q_EQN, KV_EQN, QKV_EQN, OUT_EQN = "BTD,NDH->BTNH", "BTD,CKDH->CBTKH", "BTD,CNDH->CBTNH", "BTNH,NHD->BTD"
+K_EQN = "BTD,KDH->BTKH"
 
 # The official implementation's mask value: finite, so a fully masked row (padding) gives no NaN.
 MASK_VALUE = -2.3819763e38
@@ -49,17 +52,27 @@ class Attention(nn.Module):
   def setup(self):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), matmul=self.matmul)
-    if c.num_heads == c.num_kv_heads:  # MHA: one fused projection, as in the official checkpoints
-      self.qkv_einsum = Einsum((3, c.num_heads, c.embed_dim, c.head_dim),
-                               (None, "heads", "embed", "head_dim"), **kw)
+    n, k, h = c.num_heads, self.num_kv_heads, self.head_dim
+    if c.k_eq_v(self.attn_type):  # one projection: keys, and values before their norm
+      self.q_einsum = Einsum((n, c.embed_dim, h), ("heads", "embed", "head_dim"), **kw)
+      self.k_einsum = Einsum((k, c.embed_dim, h), ("kv_heads", "embed", "head_dim"), **kw)
+    elif n == k:  # MHA: one fused projection, as in the official checkpoints
+      self.qkv_einsum = Einsum((3, n, c.embed_dim, h), (None, "heads", "embed", "head_dim"), **kw)
     else:
-      self.q_einsum = Einsum((c.num_heads, c.embed_dim, c.head_dim), ("heads", "embed", "head_dim"), **kw)
-      self.kv_einsum = Einsum((2, c.num_kv_heads, c.embed_dim, c.head_dim),
-                              (None, "kv_heads", "embed", "head_dim"), **kw)
-    self.attn_vec_einsum = Einsum((c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"), **kw)
+      self.q_einsum = Einsum((n, c.embed_dim, h), ("heads", "embed", "head_dim"), **kw)
+      self.kv_einsum = Einsum((2, k, c.embed_dim, h), (None, "kv_heads", "embed", "head_dim"), **kw)
+    self.attn_vec_einsum = Einsum((n, h, c.embed_dim), ("heads", "head_dim", "embed"), **kw)
     if c.use_qk_norm:
-      self._query_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype))
-      self._key_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype))
+      self._query_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one)
+      self._key_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one)
+
+  @property
+  def head_dim(self) -> int:
+    return self.config.head_dim_of(self.attn_type)
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.config.kv_heads_of(self.attn_type)
 
   @property
   def window(self) -> int | None:
@@ -73,18 +86,26 @@ class Attention(nn.Module):
     Returns [B, T, D] and the updated layer cache (None without one).
     """
     c = self.config
-    if c.num_heads == c.num_kv_heads:
+    if c.k_eq_v(self.attn_type):
+      q = self.q_einsum(Q_EQN, x)
+      k = v = self.k_einsum(K_EQN, x)
+    elif c.num_heads == self.num_kv_heads:
       q, k, v = self.qkv_einsum(QKV_EQN, x)
     else:
       q = self.q_einsum(Q_EQN, x)
       k, v = self.kv_einsum(KV_EQN, x)
     if c.use_qk_norm:
       q, k = self._query_norm(q), self._key_norm(k)
+    if c.use_value_norm:
+      v = rms_normalize(v, c.norm_eps).astype(v.dtype)
     is_global = self.attn_type == AttentionType.GLOBAL
-    base = c.global_base_frequency if is_global else c.local_base_frequency
-    scale = c.global_scale_factor if is_global else 1.0
-    q = apply_rope(q, positions, base_frequency=base, scale_factor=scale) * jnp.asarray(c.query_scale, q.dtype)
-    k = apply_rope(k, positions, base_frequency=base, scale_factor=scale)
+    rope = dict(base_frequency=c.global_base_frequency if is_global else c.local_base_frequency,
+                scale_factor=c.global_scale_factor if is_global else 1.0,
+                fraction=c.global_rope_fraction if is_global else 1.0)
+    q = apply_rope(q, positions, **rope)
+    if c.query_scale != 1.0:  # Gemma 4 has none (the QK-norm scales)
+      q = q * jnp.asarray(c.query_scale, q.dtype)
+    k = apply_rope(k, positions, **rope)
 
     q_seg = k_seg = None
     if cache is None:
@@ -100,7 +121,7 @@ class Attention(nn.Module):
       new_cache = kv_cache.write(cache, k, v, key_pos)
 
     b, t, n, h = q.shape
-    q = q.reshape(b, t, c.num_kv_heads, c.num_groups, h)
+    q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
     logits = soft_cap(logits, c.attn_logits_soft_cap)
     mask = attention_mask(positions, k_pos, self.window, q_seg, k_seg)

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from gemma_jax.errors import ConfigError
 
-Family = Literal["gemma1", "gemma2", "gemma3"]
-FAMILIES = ("gemma1", "gemma2", "gemma3")
+Family = Literal["gemma1", "gemma2", "gemma3", "gemma4"]
+FAMILIES = ("gemma1", "gemma2", "gemma3", "gemma4")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "block", "dots")
 
@@ -28,12 +28,15 @@ class AttentionType(str, enum.Enum):
 def attention_pattern(family: str, num_layers: int) -> tuple[AttentionType, ...]:
   """Each family's local/global layer pattern, tiled over `num_layers`.
 
-  Gemma 1: all global. Gemma 2: (local, global) repeated. Gemma 3: 5 local then 1 global, repeated; a
-  remainder takes the pattern's prefix.
+  Gemma 1: all global. Gemma 2: (local, global) repeated. Gemma 3 and 4: 5 local then 1 global, repeated; a
+  remainder takes the pattern's prefix. Gemma 4's last layer is always global (as HF's config forces it).
   """
   g, l = AttentionType.GLOBAL, AttentionType.LOCAL
-  pattern = {"gemma1": (g,), "gemma2": (l, g), "gemma3": (l, l, l, l, l, g)}[family]
-  return tuple(pattern[i % len(pattern)] for i in range(num_layers))
+  pattern = {"gemma1": (g,), "gemma2": (l, g), "gemma3": (l, l, l, l, l, g), "gemma4": (l, l, l, l, l, g)}[family]
+  types = [pattern[i % len(pattern)] for i in range(num_layers)]
+  if family == "gemma4":
+    types[-1] = g
+  return tuple(types)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,14 @@ class TransformerConfig:
   local_base_frequency: float = 10_000.0
   global_base_frequency: float = 10_000.0
   global_scale_factor: float = 1.0  # Gemma 3 4B+: positions / 8 on global layers (linear RoPE scaling)
+  # Gemma 4 ----------------------------------------------------------------------------------------
+  global_head_dim: int | None = None  # head dim of GLOBAL layers (None = head_dim); Gemma 4: 512
+  num_global_kv_heads: int | None = None  # kv heads of GLOBAL layers (None = num_kv_heads)
+  global_k_eq_v: bool = False  # GLOBAL layers: one projection gives the keys and (before their norms) the values
+  use_value_norm: bool = False  # a scale-free RMSNorm on the values (Gemma 4)
+  global_rope_fraction: float = 1.0  # GLOBAL layers rotate this fraction of the pairs ("proportional" RoPE)
+  norm_plus_one: bool = True  # RMSNorm scales by (1 + scale), scale from 0 (Gemma 1-3); False: by scale, from 1
+  use_layer_scalar: bool = False  # each block's output (the residual stream) times a learned scalar (Gemma 4)
   max_seq_len: int = 8192  # context the model was trained for (informational; caches size themselves)
   dtype: str = "float32"  # compute dtype; softmax, norms and the logits are always f32
   param_dtype: str = "float32"
@@ -104,6 +115,16 @@ class TransformerConfig:
       bad("query_pre_attn_scalar", "must be > 0")
     if self.global_scale_factor < 1.0:
       bad("global_scale_factor", "must be >= 1")
+    for f in ("global_head_dim", "num_global_kv_heads"):
+      v = getattr(self, f)
+      if v is not None and (not isinstance(v, int) or v <= 0):
+        bad(f, "must be a positive integer or None")
+    if self.num_heads % self.kv_heads_of(AttentionType.GLOBAL):
+      bad("num_global_kv_heads", f"must divide num_heads={self.num_heads}")
+    if self.head_dim_of(AttentionType.GLOBAL) % 2:
+      bad("global_head_dim", "must be even (RoPE rotates pairs)")
+    if not 0.0 <= self.global_rope_fraction <= 1.0:
+      bad("global_rope_fraction", "must be in [0, 1]")
     if self.dtype not in DTYPES:
       bad("dtype", f"use one of {', '.join(DTYPES)}")
     if self.param_dtype not in DTYPES:
@@ -116,6 +137,18 @@ class TransformerConfig:
   def num_groups(self) -> int:
     """G: query heads per kv head."""
     return self.num_heads // self.num_kv_heads
+
+  def head_dim_of(self, attn_type: AttentionType) -> int:
+    """H of a layer of this type (Gemma 4's global layers have their own)."""
+    return self.global_head_dim or self.head_dim if attn_type == AttentionType.GLOBAL else self.head_dim
+
+  def kv_heads_of(self, attn_type: AttentionType) -> int:
+    """K of a layer of this type."""
+    return self.num_global_kv_heads or self.num_kv_heads if attn_type == AttentionType.GLOBAL else self.num_kv_heads
+
+  def k_eq_v(self, attn_type: AttentionType) -> bool:
+    """Whether the layer's keys and values come from one projection."""
+    return self.global_k_eq_v and attn_type == AttentionType.GLOBAL
 
   @property
   def query_scale(self) -> float:
@@ -245,12 +278,13 @@ def preset_names() -> list[str]:
 
 # What fixes the tensor shapes; with the norms, what fixes the parameter tree; with the rest, the function computed
 # (everything but vocab rows, context length, dtypes, remat and the preset name).
-SHAPE_FIELDS = ("family", "num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim")
-TREE_FIELDS = SHAPE_FIELDS + ("use_qk_norm", "use_post_attn_norm", "use_post_ffw_norm")
-ARCH_FIELDS = SHAPE_FIELDS + (
+SHAPE_FIELDS = ("family", "num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim",
+                "global_head_dim", "num_global_kv_heads", "global_k_eq_v")
+TREE_FIELDS = SHAPE_FIELDS + ("use_qk_norm", "use_post_attn_norm", "use_post_ffw_norm", "use_layer_scalar")
+ARCH_FIELDS = TREE_FIELDS + (
     "query_pre_attn_scalar", "attention_types", "sliding_window_size", "attn_logits_soft_cap",
-    "final_logit_soft_cap", "use_post_attn_norm", "use_post_ffw_norm", "use_qk_norm", "local_base_frequency",
-    "global_base_frequency", "global_scale_factor", "norm_eps")
+    "final_logit_soft_cap", "use_value_norm", "local_base_frequency", "global_base_frequency",
+    "global_scale_factor", "global_rope_fraction", "norm_plus_one", "norm_eps")
 
 
 def match_preset(config: TransformerConfig | dict[str, Any], fields: tuple[str, ...] = ARCH_FIELDS
@@ -259,7 +293,8 @@ def match_preset(config: TransformerConfig | dict[str, Any], fields: tuple[str, 
 
   fields: ARCH_FIELDS (default, the same model up to vocab rows / context / dtypes), TREE_FIELDS or SHAPE_FIELDS.
   """
-  get = config.__getitem__ if isinstance(config, dict) else lambda f: getattr(config, f)
+  defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+  get = (lambda f: config.get(f, defaults[f])) if isinstance(config, dict) else lambda f: getattr(config, f)
   for name in PRESETS:
     p = getattr(TransformerConfig, name)()
     if all(getattr(p, f) == get(f) for f in fields):

@@ -1,7 +1,7 @@
 """The KV cache: per layer, keys and values plus the absolute position held in each slot.
 
 Layout of one layer's cache (a dict, so the whole cache is a plain pytree):
-  k, v: [B, S, K, H]   S = cache length of that layer
+  k, v: [B, S, K, H]   S = cache length of that layer; K, H the layer's own (Gemma 4's global layers differ)
   pos:  [B, S] int32    absolute position of the token in each slot; -1 = empty
 
 Global layers have S = the cache's max length; sliding-window layers have S = min(W, max length) and use
@@ -38,7 +38,8 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype: 
   cache = {}
   for i in range(config.num_layers):
     s = layer_cache_length(config, i, max_len)
-    shape = (batch_size, s, config.num_kv_heads, config.head_dim)
+    t = config.attention_types[i]
+    shape = (batch_size, s, config.kv_heads_of(t), config.head_dim_of(t))
     cache[f"layer_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                            "pos": jnp.full((batch_size, s), -1, jnp.int32)}
   return cache

@@ -65,19 +65,25 @@ def fan_in_init(shape: Sequence[int], eqn: str | None, scale: float):
   return nn.initializers.normal(stddev=scale / max(fan_in, 1) ** 0.5)
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """`x * rsqrt(mean(x^2) + eps)` over the last axis, in f32 (no learned scale: Gemma 4's value norm)."""
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
-  """`x * rsqrt(mean(x^2) + eps) * (1 + scale)`, computed in f32 and cast back; `scale` starts at 0."""
+  """`rms_normalize(x) * (1 + scale)`, scale from 0 (Gemma 1-3), or `* scale`, scale from 1 (`plus_one=False`,
+  Gemma 4); computed in f32 and cast back."""
 
   eps: float = 1e-6
   param_dtype: jnp.dtype = jnp.float32
+  plus_one: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", param_init(nn.initializers.zeros_init(), ("norm",)), (x.shape[-1],),
-                       self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
+    scale = self.param("scale", param_init(init, ("norm",)), (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+    return (rms_normalize(x, self.eps) * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
 def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:

@@ -1,13 +1,15 @@
-"""The Gemma transformer (families 1, 2 and 3, text), read top to bottom.
+"""The Gemma transformer (families 1 to 4, text), read top to bottom.
 
     tokens [B, T] -> embed * sqrt(D) -> L x Block -> final_norm -> tied head -> (soft-cap) -> logits [B, T, V]
 
     Block: x + post_attn_norm(attn(pre_attn_norm(x)))  then  x + post_ffw_norm(mlp(pre_ffw_norm(x)))
-           (post-norms in Gemma 2/3 only; Gemma 3 adds QK-norm inside attention)
+           (post-norms in Gemma 2-4 only; Gemma 3 and 4 add QK-norm inside attention; Gemma 4 multiplies the
+           block's output by a learned `layer_scalar` [1])
 
 Parameter names follow the official Flax checkpoints (nested module layout): `embedder/input_embedding`,
 `layer_{i}/attn/{q_einsum,kv_einsum,qkv_einsum,attn_vec_einsum}/w`, `layer_{i}/mlp/{gating_einsum,linear}`,
-`layer_{i}/{pre_attention_norm,post_attention_norm,pre_ffw_norm,post_ffw_norm}/scale`, `final_norm/scale`.
+`layer_{i}/{pre_attention_norm,post_attention_norm,pre_ffw_norm,post_ffw_norm}/scale`, `final_norm/scale`;
+Gemma 4 adds `layer_{i}/attn/k_einsum/w` (keys = values on global layers) and `layer_{i}/layer_scalar`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from gemma_jax.model import kv_cache
 from gemma_jax.model.attention import Attention
 from gemma_jax.model.config import AttentionType, TransformerConfig
 from gemma_jax.model.layers import XLA, Einsum, Embedder, Matmul, RMSNorm, tied_logits
-from gemma_jax.model.sharding import ShardingContext, constrain
+from gemma_jax.model.sharding import ShardingContext, constrain, param_init
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")
 GATING_EQN, LINEAR_EQN = "BTD,CFD->CBTF", "BTF,FD->BTD"
@@ -59,7 +61,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, key_pos, segment_ids, cache):
     c = self.config
-    norm = lambda name: RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), name=name)
+    norm = lambda name: RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one, name=name)
     h, cache = Attention(c, self.attn_type, self.sharding, self.matmul, name="attn")(
         norm("pre_attention_norm")(x), positions, key_pos, segment_ids, cache)
     if c.use_post_attn_norm:
@@ -68,7 +70,12 @@ class Block(nn.Module):
     h = FeedForward(c, self.matmul, name="mlp")(norm("pre_ffw_norm")(x))
     if c.use_post_ffw_norm:
       h = norm("post_ffw_norm")(h)
-    return constrain(x + h, RESIDUAL_AXES, self.sharding), cache
+    x = x + h
+    if c.use_layer_scalar:
+      scalar = self.param("layer_scalar", param_init(nn.initializers.ones_init(), ("norm",)), (1,),
+                          jnp.dtype(c.param_dtype))
+      x = x * scalar.astype(x.dtype)
+    return constrain(x, RESIDUAL_AXES, self.sharding), cache
 
 
 def _block_class(remat: str):
@@ -106,7 +113,7 @@ class Transformer(nn.Module):
     block = _block_class(c.remat)
     self.layers = [block(c, t, self.sharding, self.matmul, name=f"layer_{i}")
                    for i, t in enumerate(c.attention_types)]
-    self.final_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype))
+    self.final_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, input_mask: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: kv_cache.Cache | None = None,
