@@ -107,7 +107,7 @@ def test_rope_matches_complex_rotation():
   np.testing.assert_allclose(np.asarray(got), np.concatenate([r.real, r.imag], -1), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gemma1", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma1", "gemma2", "gemma3", "gemma4"])
 def test_cached_decode_equals_full_forward_past_the_window(family):
   config = tiny_config(family)
   params = init_params(config, jax.random.key(0))

@@ -39,7 +39,7 @@ def test_rules_split_parameters_and_drop_non_dividing_axes():
 
 
 @pytest.mark.parametrize("family,mesh", [("gemma2", "fsdp:4,tensor:2"), ("gemma3", "data:2,fsdp:2,tensor:2"),
-                                         ("gemma1", "fsdp:8")])
+                                         ("gemma1", "fsdp:8"), ("gemma4", "data:2,fsdp:2,tensor:2")])
 def test_sharded_forward_equals_unsharded(family, mesh):
   config = tiny_config(family, num_heads=4, num_kv_heads=2, embed_dim=64, vocab_size=256)
   ctx = ShardingContext(make_mesh(mesh))
