@@ -2,10 +2,13 @@
 
     <bos><start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n{reply}<end_of_turn>\n ...
 
-Three templates:
+Four templates:
   "gemma"       Gemma 1 and Gemma 2 (HF `gemma-2-*-it`, `gemma-1.1-*-it`). A system message is an error.
   "gemma3"      Gemma 3 (HF `gemma-3-*-it`). A leading system message is folded into the first user turn as
                 `{system}\n\n{user}` (the system text is not trimmed, exactly as HF's template does).
+  "gemma4"      Gemma 4: the same turns written with tokenizer v4's markers, `<|turn>{role}\n{content}<turn|>\n`,
+                and a system message is a turn of its own (`<|turn>system\n...`). The thinking mode and tool
+                turns of the official format are not rendered.
   "completion"  plain text for pretrained (PT) checkpoints: BOS + prompt text, the reply continues it; no turn
                 markers, no trimming; the end of a reply is marked by eos (`eos_target=True`).
 
@@ -34,12 +37,13 @@ import functools
 from typing import Any, Mapping, Sequence
 
 from gemma_jax.errors import UserError
-from gemma_jax.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
+from gemma_jax.tokenizer import TURN_MARKERS, Tokenizer
 
 Message = Mapping[str, Any]
 
-TEMPLATE_NAMES = ("gemma", "gemma3", "completion")
-FAMILY_TEMPLATES = {"gemma1": "gemma", "gemma2": "gemma", "gemma3": "gemma3"}
+TEMPLATE_NAMES = ("gemma", "gemma3", "gemma4", "completion")
+FAMILY_TEMPLATES = {"gemma1": "gemma", "gemma2": "gemma", "gemma3": "gemma3", "gemma4": "gemma4"}
+TURN_FORMAT = {"gemma": "v3", "gemma3": "v3", "gemma4": "v4"}  # the tokenizer's turn markers each template writes
 
 # The HF chat templates (tokenizer_config.json `chat_template`) these objects reproduce token for token; given
 # to exporters that write HF tokenizer configs. tools/make_template_fixtures.py renders its own copy of them
@@ -93,6 +97,15 @@ HF_CHAT_TEMPLATES = {
         "{%- if add_generation_prompt -%}\n"
         "    {{'<start_of_turn>model\n'}}\n"
         "{%- endif -%}\n"),
+    # Ours: the turns of the official Gemma 4 format without its thinking and tool parts (the official Jinja
+    # template was not available to test against; this one renders exactly what the "gemma4" object does).
+    "gemma4": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'system' and not loop.first %}"
+        "{{ raise_exception('A system message may only come first') }}{% endif %}"
+        "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+        "{% endif %}{{ '<|turn>' + role + '\n' + message['content'] | trim + '<turn|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"),
     # Ours (no HF model ships it): the plain-text rendering of the completion template.
     "completion": "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}",
 }
@@ -250,6 +263,7 @@ class ChatTemplate:
     """The ids that end every sampling prompt: `<start_of_turn>model\\n` ([] for "completion")."""
     if not self.is_chat:
       return []
+    _check_turn_format(self.name, tokenizer)
     return [_special(tokenizer, "start_of_turn")] + _encode_constant(tokenizer, "model\n")
 
   def stop_token_ids(self, tokenizer: Tokenizer) -> list[int]:
@@ -263,10 +277,11 @@ class ChatTemplate:
 
   def _turn_ids(self, turn: _Turn, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
     """`<start_of_turn>{role}\\n{content}<end_of_turn>\\n` and its target mask (model content + end_of_turn)."""
+    _check_turn_format(self.name, tokenizer)
     sot, eot = _special(tokenizer, "start_of_turn"), _special(tokenizer, "end_of_turn")
     nl = _newline(tokenizer)
-    if turn.role == "user":  # one piece of text, exactly as the whole rendered string tokenizes
-      body = tokenizer.encode(f"user\n{turn.content}")
+    if turn.role in ("user", "system"):  # one piece of text, exactly as the whole rendered string tokenizes
+      body = tokenizer.encode(f"{turn.role}\n{turn.content}")
       ids = [sot] + body + [eot] + nl
       return ids, [False] * len(ids)
     header = _encode_constant(tokenizer, "model\n")
@@ -279,8 +294,9 @@ class ChatTemplate:
     """Index of the turn that message `train_from` became (the system message is not a turn)."""
     if not 0 <= train_from <= len(messages):
       raise UserError(f"train_from={train_from} is outside the conversation of {len(messages)} messages")
+    folded = self.name != "gemma4"  # gemma3 folds the system message into the first user turn
     has_system = bool(messages) and messages[0].get("role") == "system"
-    return max(0, train_from - int(has_system))
+    return max(0, train_from - int(has_system and folded))
 
   def _turns(self, messages: Sequence[Message]) -> list[_Turn]:
     """Validates the conversation and applies the family's system and trimming rules."""
@@ -293,12 +309,16 @@ class ChatTemplate:
       if role == "system":
         if i != 0:
           raise UserError(f"message {i}: a system message may only come first")
-        if self.name != "gemma3":
+        if self.name not in ("gemma3", "gemma4"):
           raise UserError(f"message 0: the {self.name!r} template has no system role (Gemma 1/2 and plain "
                           "completion reject it); merge it into the first user message or use 'gemma3'")
+        if self.name == "gemma4":  # a turn of its own
+          turns.append(_Turn("system", content.strip()))
+          continue
         system = content
         continue
-      want = "user" if len(turns) % 2 == 0 else "model"
+      dialogue = [t for t in turns if t.role != "system"]
+      want = "user" if len(dialogue) % 2 == 0 else "model"
       if role != want:
         raise UserError(f"message {i}: roles must alternate user/assistant starting with user, got {role!r} "
                         f"where {'user' if want == 'user' else 'assistant'} was expected")
@@ -307,7 +327,8 @@ class ChatTemplate:
       if system is not None and not turns:
         content = system + "\n\n" + content
       turns.append(_Turn(role, content))
-    if self.is_chat and system is not None and not turns:
+    has_system = system is not None or any(t.role == "system" for t in turns)
+    if self.is_chat and has_system and not any(t.role == "user" for t in turns):
       raise UserError("the conversation has a system message but no user message")
     if not self.is_chat and len(turns) > 2:
       raise UserError("the completion template takes one user message (the prompt) and at most one reply")
@@ -322,10 +343,19 @@ def _check_message(m: Any, i: int) -> tuple[str, str]:
     raise UserError(f"message {i}: role must be one of system, user, assistant, model; got {role!r}")
   if not isinstance(content, str):
     raise UserError(f"message {i}: content must be a string, got {type(content).__name__}")
-  for marker in (START_OF_TURN, END_OF_TURN):
+  for marker in (m for pair in TURN_MARKERS.values() for m in pair):
     if marker in content:
       raise UserError(f"message {i}: content contains the control text {marker!r}; remove it")
   return ("model" if role == "assistant" else role), content
+
+
+def _check_turn_format(template_name: str, tokenizer: Tokenizer) -> None:
+  want = TURN_FORMAT.get(template_name)
+  if want is not None and tokenizer.turn_format is not None and tokenizer.turn_format != want:
+    other = "gemma4" if tokenizer.turn_format == "v4" else "gemma3"
+    raise UserError(f"the {template_name!r} template writes {TURN_MARKERS[want][0]} turns but the tokenizer's "
+                    f"markers are {tokenizer.turn_markers[0]} / {tokenizer.turn_markers[1]}; use the {other!r} "
+                    "template")
 
 
 def _special(tokenizer: Tokenizer, name: str) -> int:
@@ -363,12 +393,12 @@ def render_prompts(template: ChatTemplate | None, prompts: Sequence[str], tokeni
 
 
 def get_template(name: str) -> ChatTemplate:
-  """The template called `name` ("gemma", "gemma3" or "completion")."""
+  """The template called `name` ("gemma", "gemma3", "gemma4" or "completion")."""
   return ChatTemplate(name)
 
 
 def template_for_family(family: str) -> ChatTemplate:
-  """The chat template of an instruction-tuned checkpoint of `family` ("gemma1", "gemma2", "gemma3")."""
+  """The chat template of an instruction-tuned checkpoint of `family` ("gemma1" ... "gemma4")."""
   if family not in FAMILY_TEMPLATES:
     raise UserError(f"unknown model family {family!r}; use one of {', '.join(FAMILY_TEMPLATES)}")
   return ChatTemplate(FAMILY_TEMPLATES[family])

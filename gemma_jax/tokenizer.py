@@ -1,7 +1,9 @@
 """SentencePiece tokenizer with each Gemma family's special ids.
 
 The special ids are read from the vocabulary itself (`<start_of_turn>` is 106 in Gemma 1/2 and 105 in
-Gemma 3), so the same wrapper serves every family and the tiny test models.
+Gemma 3), so the same wrapper serves every family and the tiny test models. Gemma 4's vocabulary (tokenizer v4)
+writes its turn markers `<|turn>` (105) and `<turn|>` (106): `special.start_of_turn` / `end_of_turn` are the
+ids of whichever pair the vocabulary has, and `turn_markers` their text.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from gemma_jax.errors import UserError
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+START_OF_TURN_V4, END_OF_TURN_V4 = "<|turn>", "<turn|>"  # Gemma 4
+TURN_MARKERS = {"v3": (START_OF_TURN, END_OF_TURN), "v4": (START_OF_TURN_V4, END_OF_TURN_V4)}
 
 
 def _reason(e: Exception) -> str:
@@ -61,9 +65,17 @@ class Tokenizer:
       self._sp.LoadFromSerializedProto(self.model_proto)
     except Exception as e:  # sentencepiece raises plain RuntimeError/OSError
       raise UserError(f"{where or 'tokenizer model'}: not a SentencePiece model ({_reason(e)})") from None
+    self.turn_format = next((f for f, (a, b) in TURN_MARKERS.items()
+                             if self._piece_id(a) is not None and self._piece_id(b) is not None), None)
+    start, end = TURN_MARKERS[self.turn_format or "v3"]
     self.special = SpecialIds(
         pad=self._sp.pad_id(), eos=self._sp.eos_id(), bos=self._sp.bos_id(), unk=self._sp.unk_id(),
-        start_of_turn=self._piece_id(START_OF_TURN), end_of_turn=self._piece_id(END_OF_TURN))
+        start_of_turn=self._piece_id(start), end_of_turn=self._piece_id(end))
+
+  @property
+  def turn_markers(self) -> tuple[str, str]:
+    """The text of the vocabulary's turn markers: ("<start_of_turn>", "<end_of_turn>") or Gemma 4's."""
+    return TURN_MARKERS[self.turn_format or "v3"]
 
   def _piece_id(self, piece: str) -> int | None:
     i = self._sp.piece_to_id(piece)

@@ -38,9 +38,9 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer_proto() -> bytes:
-  """A 300-piece SentencePiece BPE model with Gemma's special-id layout (pad 0, eos 1, bos 2, unk 3)."""
+def train_tiny_tokenizer(turn_markers: tuple[str, str]) -> bytes:
+  """A 300-piece SentencePiece BPE model with Gemma's special-id layout (pad 0, eos 1, bos 2, unk 3) and the
+  given turn markers as single pieces."""
   import sentencepiece as spm
   words = ("the capital of france is paris . a model answers questions about cities , rivers and numbers "
            "user model hello world how are you today ? fine thanks ! one two three four five six seven "
@@ -49,16 +49,28 @@ def tiny_tokenizer_proto() -> bytes:
   out = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines), model_writer=out, vocab_size=300, model_type="bpe",
-      pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+      pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=list(turn_markers),
       byte_fallback=True, character_coverage=1.0, add_dummy_prefix=False, remove_extra_whitespaces=False,
       normalization_rule_name="identity", minloglevel=2)
   return out.getvalue()
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer_proto() -> bytes:
+  return train_tiny_tokenizer(("<start_of_turn>", "<end_of_turn>"))
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_proto):
   from gemma_jax.tokenizer import Tokenizer
   return Tokenizer(tiny_tokenizer_proto)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_v4():
+  """The same with Gemma 4's turn markers `<|turn>` / `<turn|>` (tokenizer v4)."""
+  from gemma_jax.tokenizer import Tokenizer
+  return Tokenizer(train_tiny_tokenizer(("<|turn>", "<turn|>")))
 
 
 @pytest.fixture(scope="session")

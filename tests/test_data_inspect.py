@@ -202,7 +202,7 @@ def test_skip_invalid_counts(files):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--template=foo"], "error: flag --template=foo: value should be one of <gemma|gemma3|completion>"),
+    (["--template=foo"], "error: flag --template=foo: value should be one of <gemma|gemma3|gemma4|completion>"),
     (["--show=-1"], "error: flag --show=-1: -1 is not a non-negative integer"),
     (["--max_length=x"], "error: flag --max_length=x: invalid literal for int() with base 10: 'x'"),
     (["--kind=pairs"], "error: flag --kind=pairs: value should be one of <auto|preference|sft>"),

@@ -133,7 +133,7 @@ def random_conversation(rng, name):
     pad = rng.choice(["", " ", "\n", " \t"])
     return pad + " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 10))) + rng.choice(["", " ", "\n"])
 
-  conv = [s(text())] if name == "gemma3" and rng.random() < 0.3 else []
+  conv = [s(text())] if name in ("gemma3", "gemma4") and rng.random() < 0.3 else []
   for _ in range(rng.randint(1, 4)):
     conv += [u(text()), {"role": rng.choice(["assistant", "model"]), "content": text()}]
   return conv
@@ -170,11 +170,12 @@ def check_conversation(template, conv, tok):
   assert [j for j, m in enumerate(full_mask) if m] == want
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma3"])
-def test_prefix_invariant_many_conversations(name, tiny_tokenizer):
+@pytest.mark.parametrize("name", ["gemma", "gemma3", "gemma4"])
+def test_prefix_invariant_many_conversations(name, tiny_tokenizer, tiny_tokenizer_v4):
   rng = random.Random(name)
+  tok = tiny_tokenizer_v4 if name == "gemma4" else tiny_tokenizer
   for _ in range(150):
-    check_conversation(get_template(name), random_conversation(rng, name), tiny_tokenizer)
+    check_conversation(get_template(name), random_conversation(rng, name), tok)
 
 
 @pytest.mark.slow
@@ -185,9 +186,9 @@ def test_prefix_invariant_real_tokenizer(real_tokenizer):
       check_conversation(get_template(name), random_conversation(rng, name), real_tokenizer)
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma3"])
-def test_next_turn_continues_the_cache(name, tiny_tokenizer):
-  tok, t = tiny_tokenizer, get_template(name)
+@pytest.mark.parametrize("name", ["gemma", "gemma3", "gemma4"])
+def test_next_turn_continues_the_cache(name, tiny_tokenizer, tiny_tokenizer_v4):
+  tok, t = tiny_tokenizer_v4 if name == "gemma4" else tiny_tokenizer, get_template(name)
   conv = [u("hello"), a("hello world"), u(" how are you? ")]
   prompt = t.render_prompt(conv, tok)
   reply = tok.encode("fine thanks!")  # what the model generated, up to (not including) <end_of_turn>
@@ -243,15 +244,50 @@ def test_render_prompts_for_sampling(tiny_tokenizer):
 
 
 def test_serialization_and_lookup():
-  for name in ("gemma", "gemma3", "completion"):
+  for name in ("gemma", "gemma3", "gemma4", "completion"):
     t = get_template(name)
     d = json.loads(json.dumps(t.to_dict()))
     assert ChatTemplate.from_dict(d) == t and t.name == name
   assert template_for_family("gemma1").name == "gemma" and template_for_family("gemma2").name == "gemma"
-  assert template_for_family("gemma3").name == "gemma3"
+  assert template_for_family("gemma3").name == "gemma3" and template_for_family("gemma4").name == "gemma4"
   with pytest.raises(UserError, match="unknown chat template"):
     get_template("llama")
   with pytest.raises(UserError, match="unknown fields"):
     ChatTemplate.from_dict({"name": "gemma3", "eos_target": True})  # training options are never saved
   with pytest.raises(UserError, match="family"):
-    template_for_family("gemma4")
+    template_for_family("gemma5")
+
+
+# -- Gemma 4 -------------------------------------------------------------------------------------------------
+
+def test_gemma4_turns_system_and_markers(tiny_tokenizer, tiny_tokenizer_v4):
+  """`<|turn>{role}\n{content}<turn|>\n`, a system message as a turn of its own, `<|turn>model\n` opening
+  the reply; the ids are those of the rendered text; the sampler stops on eos and `<turn|>`."""
+  tok, t = tiny_tokenizer_v4, get_template("gemma4")
+  sot, eot = tok.piece_to_id("<|turn>"), tok.piece_to_id("<turn|>")
+  assert (tok.special.start_of_turn, tok.special.end_of_turn) == (sot, eot) and tok.turn_format == "v4"
+  conv = [s(" be brief "), u(" hello "), a("hello world"), u("how are you ?")]
+  text = "<|turn>system\nbe brief<turn|>\n<|turn>user\nhello<turn|>\n<|turn>model\nhello world<turn|>\n" \
+         "<|turn>user\nhow are you ?<turn|>\n<|turn>model\n"
+  assert t.render_prompt(conv, tok) == [tok.special.bos] + tok.encode(text)
+  assert t.stop_token_ids(tok) == [tok.special.eos, eot]
+  # The Jinja template we export renders the same text.
+  import jinja2
+  jinja = jinja2.Environment().from_string(t.hf_jinja)
+  assert jinja.render(messages=conv, bos_token="<bos>", add_generation_prompt=True) == "<bos>" + text
+  # Targets: the reply and its <turn|>; the system turn never.
+  ids, mask = t.render_training(conv[:3], tok)
+  assert tok.decode([i for i, m in zip(ids, mask) if m][:-1]) == "hello world" and ids[mask.index(True) - 1] != eot
+  with pytest.raises(UserError, match="only come first"):
+    t.render_prompt([u("hi"), s("late")], tok)
+  with pytest.raises(UserError, match="no user message"):
+    t.render_prompt([s("only a system message")], tok)
+  with pytest.raises(UserError, match="control text"):
+    t.render_prompt([u("a <turn|> b")], tok)
+
+
+def test_a_template_and_a_tokenizer_of_other_turn_markers_are_refused(tiny_tokenizer, tiny_tokenizer_v4):
+  with pytest.raises(UserError, match=r"'gemma3' template writes <start_of_turn> turns .* use the 'gemma4'"):
+    get_template("gemma3").render_prompt([u("hi")], tiny_tokenizer_v4)
+  with pytest.raises(UserError, match=r"'gemma4' template writes <\|turn> turns .* use the 'gemma3'"):
+    get_template("gemma4").render_prompt([u("hi")], tiny_tokenizer)

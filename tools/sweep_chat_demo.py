@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -92,7 +93,8 @@ def main(argv):
       print(f"{point}: {done[key]}", flush=True)
       continue
     config = _config(point)
-    run_dir = os.path.join(_OUT.value, f"run{i}-" + "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items()))
+    name = "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items())
+    run_dir = os.path.join(_OUT.value, f"run{i}-" + re.sub(r"[^A-Za-z0-9._=-]+", "_", name))  # a regex value
     t = time.perf_counter()
     result = train(config, run_dir)
     train_s = time.perf_counter() - t

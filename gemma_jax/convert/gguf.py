@@ -29,7 +29,7 @@ from gemma_jax.errors import CheckpointError, ConfigError
 from gemma_jax.model.config import (DTYPES, SHAPE_FIELDS, AttentionType, TransformerConfig, match_preset,
                                     same_architecture)
 from gemma_jax.progress import progress_bar
-from gemma_jax.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
+from gemma_jax.tokenizer import TURN_MARKERS, Tokenizer
 
 ARCHITECTURES = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3": "gemma3"}
 WHITESPACE = "\u2581"  # SentencePiece's escaped space, `▁`
@@ -370,7 +370,7 @@ def tokenizer_from_gguf(meta: _Metadata) -> Tokenizer:
   n.precompiled_charsmap = b""
 
   P = pb.ModelProto.SentencePiece
-  user_defined = {START_OF_TURN, END_OF_TURN}
+  user_defined = {m for pair in TURN_MARKERS.values() for m in pair}
   for i, (piece, score, typ) in enumerate(zip(tokens, scores, types)):
     sp = proto.pieces.add()
     sp.piece = piece.replace(" ", WHITESPACE)  # llama.cpp wrote user-defined `▁` back as spaces

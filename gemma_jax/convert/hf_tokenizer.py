@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 from gemma_jax.errors import UserError
-from gemma_jax.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
+from gemma_jax.tokenizer import TURN_MARKERS, Tokenizer
 
 # sentencepiece_model.proto ModelProto.SentencePiece.Type
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -86,7 +86,7 @@ def build_hf_tokenizer(tokenizer: Tokenizer):
   hf.normalizer = normalizers.Replace(" ", "▁")
   hf.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
   hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-  specials = {START_OF_TURN, END_OF_TURN}  # GemmaConverter: the turn markers are special
+  specials = {m for pair in TURN_MARKERS.values() for m in pair}  # GemmaConverter: the turn markers are special
   # User-defined pieces are matched on the normalized text, as SentencePiece's prefix matcher does ("  " is
   # "▁▁"); control pieces on the raw text.
   added = [AddedToken(names[i], normalized=kind == _USER_DEFINED,
@@ -116,7 +116,7 @@ def write_tokenizer_files(path: str, tokenizer: Tokenizer, chat_template: str | 
   piece = tokenizer.id_to_piece
   tokens = {"bos_token": piece(sp.bos), "eos_token": piece(sp.eos), "unk_token": piece(sp.unk),
             "pad_token": piece(sp.pad)}
-  extra = [t for t in (START_OF_TURN, END_OF_TURN) if tokenizer.piece_to_id(t) != sp.unk]
+  extra = [t for pair in TURN_MARKERS.values() for t in pair if tokenizer.piece_to_id(t) != sp.unk]
   if tokenizer.piece_to_id("<mask>") != sp.unk:
     tokens["mask_token"] = "<mask>"
   tc: dict[str, Any] = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,

@@ -22,8 +22,8 @@ from gemma_jax.data.records import Invalid, read_records
 from gemma_jax.data.sft import parse_sft, tokenize_sequence
 from gemma_jax.data.truncation import LengthPolicy, PrepStats
 from gemma_jax.errors import ConfigError, DataError, UserError
-from gemma_jax.templates import ChatTemplate
-from gemma_jax.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
+from gemma_jax.templates import TURN_FORMAT, ChatTemplate
+from gemma_jax.tokenizer import TURN_MARKERS, Tokenizer
 
 KINDS = ("preference", "sft")
 SKIP_ADVICE = "skip them with --config.data.skip_invalid=true (training) or --skip_invalid (inspect)"
@@ -53,11 +53,12 @@ def check_tokenizer(template: ChatTemplate, tokenizer: Tokenizer, name: str | No
   sp = tokenizer.special
   need = {"<bos>": sp.bos, "<eos>": sp.eos}
   if template.is_chat:
-    need.update({START_OF_TURN: sp.start_of_turn, END_OF_TURN: sp.end_of_turn})
+    start, end = TURN_MARKERS[TURN_FORMAT[template.name]]
+    need.update({start: sp.start_of_turn, end: sp.end_of_turn})
   missing = [piece for piece, i in need.items() if i is None or i < 0]
   if missing:
     what = name or f"the tokenizer ({tokenizer.vocab_size} pieces)"
-    only_turns = not set(missing) - {START_OF_TURN, END_OF_TURN}  # plain completion would still work
+    only_turns = not set(missing) - {m for pair in TURN_MARKERS.values() for m in pair}  # completion would work
     raise ConfigError(f"{what} has no {', '.join(missing)} token{'s' if len(missing) > 1 else ''}, which the "
                       f"{template.name!r} template needs; use a Gemma tokenizer"
                       + (" (or the completion template)" if only_turns else ""))

@@ -139,10 +139,10 @@ def infer_kind(path: str) -> str:
 
 def marked_text(ids: Sequence[int], target: Sequence[bool], tokenizer: Tokenizer) -> str:
   """ids [T] as text, each run of target tokens (target [T]) inside MARK; special tokens spelled out."""
-  from gemma_jax.tokenizer import END_OF_TURN, START_OF_TURN
   sp = tokenizer.special
-  named = {sp.pad: "<pad>", sp.eos: "<eos>", sp.bos: "<bos>", sp.start_of_turn: START_OF_TURN,
-           sp.end_of_turn: END_OF_TURN}  # by role: a tokenizer may spell its bos "<s>"
+  sot, eot = tokenizer.turn_markers
+  named = {sp.pad: "<pad>", sp.eos: "<eos>", sp.bos: "<bos>", sp.start_of_turn: sot,
+           sp.end_of_turn: eot}  # by role: a tokenizer may spell its bos "<s>"
   specials = {i: piece for i, piece in named.items() if i is not None and i >= 0}
   out, start = [], 0
   for end in range(1, len(ids) + 1):
