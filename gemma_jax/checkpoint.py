@@ -35,8 +35,8 @@ import numpy as np
 from gemma_jax import integrity
 from gemma_jax.atomic import STALE, fsync_write, move_into_place, random_suffix, temp_path
 from gemma_jax.checkpoint_format import (COMPLETE_FILE, FORMAT, FORMAT_VERSION, KINDS, METADATA_FILE, PARAMS_DIR,
-                                         REDO, TOKENIZER_FILE, check_metadata, config_from, damaged, looks_native,
-                                         ours_but_damaged, parse_metadata, version)
+                                         REDO, TOKENIZER_FILE, check_metadata, check_writable_path, config_from,
+                                         damaged, looks_native, ours_but_damaged, parse_metadata, version)
 from gemma_jax.convert.detect import convert_command, detect_format, format_name
 from gemma_jax.errors import CheckpointError, UserError
 from gemma_jax.model.config import DTYPES, TransformerConfig
@@ -160,6 +160,7 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
   import orbax.checkpoint as ocp
 
   path = os.path.abspath(os.fspath(path))
+  check_writable_path(path)
   if kind not in (*KINDS, None):
     raise CheckpointError(f"kind={kind!r}: use 'pt' (pretrained), 'it' (instruction-tuned) or None")
   if template is not None and not isinstance(template, dict):

@@ -31,6 +31,14 @@ KINDS = ("pt", "it")
 REDO = "re-create it (convert or save it again from its source)"
 
 
+def check_writable_path(path: str) -> None:
+  """Refuses a directory orbax would write but never read back: it globs for its per-process files, and "["
+  / "]" in the path are glob syntax (the save "succeeds", the load finds nothing)."""
+  if "[" in path or "]" in path:
+    raise CheckpointError(f"{path}: '[' and ']' in a checkpoint path make it unreadable (orbax treats them "
+                          "as a file pattern); choose a directory name without them")
+
+
 def version() -> str:
   """The running gemma_jax's version, for provenance and upgrade advice."""
   import gemma_jax

@@ -196,6 +196,20 @@ def test_refuses_to_overwrite_foreign_directory(tmp_path, g3):
     checkpoint.save(tmp_path / "c", config=config, params=params, overwrite=False)
 
 
+def test_a_path_orbax_could_not_read_back_is_refused_before_writing(tmp_path, g3):
+  """'[' / ']' are glob syntax to orbax: such a save used to "succeed" and the load then found nothing."""
+  config, params = g3
+  from gemma_jax.training.checkpointing import RunCheckpointer
+  for bad in (tmp_path / "run[1]" / "final", tmp_path / "a]b"):
+    with pytest.raises(CheckpointError, match=r"'\[' and '\]' in a checkpoint path make it unreadable"):
+      checkpoint.save(bad, config=config, params=params)
+    assert not os.path.exists(bad)
+  with pytest.raises(CheckpointError, match="choose a directory name without them"):
+    RunCheckpointer(str(tmp_path / "w[0]" / "checkpoints"), every=1)
+  checkpoint.save(tmp_path / "run (1)" / "final", config=config, params=params)  # other punctuation is fine
+  checkpoint.load(tmp_path / "run (1)" / "final")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Validation and refusals
 

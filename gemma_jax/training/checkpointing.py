@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gemma_jax import integrity
+from gemma_jax.checkpoint_format import check_writable_path
 from gemma_jax.errors import CheckpointError
 from gemma_jax.training.state import TrainState
 
@@ -118,6 +119,7 @@ class RunCheckpointer:
     if keep <= 0:
       raise CheckpointError(f"checkpoint.keep={keep}: must be > 0")
     self.directory = os.path.abspath(directory)
+    check_writable_path(self.directory)
     self.every = every
     self.verify = verify
     self.abandoned: dict[int, str] = {}
