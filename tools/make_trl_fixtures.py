@@ -2,10 +2,12 @@
 
 Regenerate (needs the reference venv with torch + transformers + trl; gemma_jax itself never imports them):
 
-    /opt/hfref/bin/python tools/make_trl_fixtures.py
+    /opt/hfref/bin/python tools/make_trl_fixtures.py              # every model
+    /opt/hfref/bin/python tools/make_trl_fixtures.py gemma4       # only these (the others stay as they are)
 
 Outputs, in tests/fixtures/trl/<name>/ for name in gemma2 (attention and final soft-caps that bite, GQA,
-sliding window shorter than the rows) and gemma3 (QK-norm, 5 local + 1 global layers):
+sliding window shorter than the rows), gemma3 (QK-norm, 5 local + 1 global layers) and gemma4 (dense: global
+layers with their own head dim, K = V and proportional RoPE, value norm, layer scalars):
   config.json, model.safetensors   the random HF model (f32, seeded), as `save_pretrained` writes it
   batch.npz                        the collated batch exactly as TRL's ORPOTrainer receives it:
                                    {chosen,rejected}_{input_ids,attention_mask,labels} [B, T_*] int64
@@ -47,8 +49,13 @@ PAIRS = [
 
 
 def specs():
-  from transformers import Gemma2Config, Gemma3TextConfig
+  from transformers import Gemma2Config, Gemma3TextConfig, Gemma4TextConfig
   return {
+      "gemma4": Gemma4TextConfig(num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=2,
+                                 sliding_window=6, global_head_dim=32, attention_k_eq_v=True,
+                                 num_global_key_value_heads=1, final_logit_softcapping=4.0,
+                                 hidden_activation="gelu_pytorch_tanh", hidden_size_per_layer_input=0,
+                                 vocab_size_per_layer_input=VOCAB, **COMMON),
       "gemma2": Gemma2Config(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                              query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=2.0,
                              final_logit_softcapping=4.0, hidden_activation="gelu_pytorch_tanh",
@@ -65,12 +72,17 @@ def specs():
 
 def init_weights(model, seed: int) -> None:
   """O(1) activations (HF's std 0.02 init makes every log-prob ~ -log V): linear ~ 1/sqrt(fan_in), q/k x1.5,
-  embedding std 0.5, norm scales N(0, 0.3)."""
+  embedding std 0.5, norm scales N(0, 0.3) (Gemma 4, whose norms multiply by the weight: 1 + N(0, 0.3));
+  Gemma 4's layer scalars (buffers) U(0.5, 1.5)."""
   rng = np.random.default_rng(seed)
+  plain_norms = model.config.model_type.startswith("gemma4")
   with torch.no_grad():
+    for name, b in model.named_buffers():
+      if name.endswith("layer_scalar"):
+        b.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, b.shape).astype(np.float32)))
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
-        w = rng.normal(0.0, 0.3, p.shape)
+        w = rng.normal(1.0 if plain_norms else 0.0, 0.3, p.shape)
       elif "embed_tokens" in name:
         w = rng.normal(0.0, 0.5, p.shape)
       else:
@@ -117,7 +129,7 @@ def trl_reference(model, pairs, beta: float, workdir: str, max_length: int = 64)
   return keep, float(loss.detach()), metrics, grads
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
   from transformers import AutoModelForCausalLM
   import transformers
   import trl
@@ -126,7 +138,11 @@ def main() -> None:
   tmp = OUT + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  for seed, (name, cfg) in enumerate(specs().items()):
+  seeds = {"gemma2": 0, "gemma3": 1, "gemma4": 2}  # the seeds the committed fixtures were made with
+  for name, cfg in specs().items():
+    if only and name not in only:
+      continue
+    seed = seeds[name]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     init_weights(model, 3000 + seed)
@@ -145,9 +161,15 @@ def main() -> None:
     shapes = {k: v.shape for k, v in batch.items()}
     print(f"[trl] {name}: loss {loss:.6f} batch {shapes}", flush=True)
     print("      " + ", ".join(f"{k}={v:.5f}" for k, v in metrics.items()), flush=True)
-  shutil.rmtree(OUT, ignore_errors=True)
-  os.replace(tmp, OUT)
+  if not only:
+    shutil.rmtree(OUT, ignore_errors=True)
+    os.replace(tmp, OUT)
+    return
+  for name in os.listdir(tmp):
+    shutil.rmtree(os.path.join(OUT, name), ignore_errors=True)
+    os.replace(os.path.join(tmp, name), os.path.join(OUT, name))
+  os.rmdir(tmp)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(sys.argv[1:]))
