@@ -326,3 +326,23 @@ def test_prompt_buckets_waste_at_most_a_third():
     b = bucket_length(n, 512)
     assert n <= b and (b - n) * 3 < b, (n, b)
   assert bucket_length(513, 512) == 1024 and bucket_length(20, 16) == 32
+
+
+def test_gemma4_samples_in_every_layout_as_its_full_forward(tiny_tokenizer_v4):
+  """Gemma 4 (global layers with their own cache shapes, K = V through `k_einsum`): greedy tokens in the
+  packed and loop layouts equal the plain layout's, which equal the full forward's argmax; stops on <turn|>."""
+  cfg, params = _model("gemma4")
+  kinds = ["plain", "loop"] + (["packed"] if packed_matmul.available() else [])
+  prompts = [[2, 40, 41, 42, 43], [2, 90, 91]]
+  outs = {k: Sampler(cfg, params, tiny_tokenizer_v4, prefill_chunk=16, min_cache=128, layout=WeightLayout(k))
+          .generate(prompts, max_new_tokens=12, stop_ids=()) for k in kinds}
+  for k in kinds:
+    for x, y in zip(outs[k], outs["plain"]):
+      assert x.tokens == y.tokens, k
+      np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+  fwd = jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x)[0])
+  for prompt, out in zip(prompts, outs["plain"]):
+    logits = np.asarray(fwd(params, np.asarray([prompt + out.tokens], np.int32))[0])
+    assert list(np.argmax(logits[len(prompt) - 1:-1], -1)) == out.tokens
+  from gemma_jax.sampling.stopping import default_stop_ids
+  assert default_stop_ids(tiny_tokenizer_v4) == (1, tiny_tokenizer_v4.piece_to_id("<turn|>"))
