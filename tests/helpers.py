@@ -19,11 +19,13 @@ def tiny_config(family: str, **overrides) -> TransformerConfig:
     base.update(num_layers=7, sliding_window_size=6, use_post_attn_norm=True, use_post_ffw_norm=True,
                 use_qk_norm=True, global_base_frequency=1_000_000.0, global_scale_factor=8.0,
                 query_pre_attn_scalar=20)
-  elif family == "gemma4":  # global layers 5 and 6: head dim 32, one kv head, keys = values, RoPE on 1/4
+  elif family == "gemma4":  # global layers 5 and 6: head dim 32, one kv head, keys = values, RoPE on 1/4;
+    # per-layer inputs; layer 6 attends over layer 5's keys and values, with a double-wide MLP
     base.update(num_layers=7, sliding_window_size=6, use_post_attn_norm=True, use_post_ffw_norm=True,
                 use_qk_norm=True, global_base_frequency=1_000_000.0, query_pre_attn_scalar=1.0,
                 global_head_dim=32, num_global_kv_heads=1, global_k_eq_v=True, use_value_norm=True,
-                global_rope_fraction=0.25, norm_plus_one=False, use_layer_scalar=True, final_logit_soft_cap=3.0)
+                global_rope_fraction=0.25, norm_plus_one=False, use_layer_scalar=True, final_logit_soft_cap=3.0,
+                per_layer_input_dim=8, num_kv_shared_layers=1, double_wide_shared_mlp=True)
   base.update(overrides)
   return TransformerConfig(family=family, **base)
 

@@ -20,11 +20,12 @@ from gemma_jax.convert.hf_config import config_from_hf, config_to_hf
 from gemma_jax.convert.safetensors_io import SafetensorsFile
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model.config import TransformerConfig
+from gemma_jax.model.params import flatten as flatten_tree
 
 from helpers import tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3", "gemma4", "gemma4_kv")
+NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3", "gemma4", "gemma4_kv", "gemma4_edge")
 
 
 def st_tensors(path: str) -> dict[str, np.ndarray]:
@@ -96,6 +97,25 @@ def test_config_round_trip(family):
                                            "gemma3": "gemma3-12b"}[family])):
     back = config_from_hf(config_to_hf(c, vocab_rows=c.vocab_size))
     assert back.replace(preset=c.preset) == c
+
+
+def test_gemma4_kv_tensors_of_shared_layers_are_ignored_and_moe_is_refused(tmp_path):
+  """Hub files may hold k/v projections for Gemma 4's KV-shared layers, which HF never builds (it ignores them
+  on load): read the same model with them. The MoE model is refused in one line."""
+  from safetensors.numpy import load_file, save_file
+  d = copy_fixture("gemma4_edge", tmp_path)
+  tensors = load_file(os.path.join(d, "model.safetensors"))
+  tensors["model.layers.6.self_attn.k_proj.weight"] = np.ones((32, 32), np.float32)
+  tensors["model.layers.7.self_attn.v_norm.weight"] = np.ones((32,), np.float32)
+  save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+  ref, got = read_hf(os.path.join(FIXTURES, "gemma4_edge"), progress=False), read_hf(d, progress=False)
+  assert got.config == ref.config
+  assert_bitwise_equal(dict(flatten_tree(got.params)), dict(flatten_tree(ref.params)))
+  cfg = json.load(open(os.path.join(d, "config.json")))
+  cfg.update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16)
+  with pytest.raises(CheckpointError) as e:
+    config_from_hf(cfg, "config.json")
+  one_line_error(e, "config.json: enable_moe_block=True", "mixture-of-experts")
 
 
 def test_dtype_cast_on_import_and_export(tmp_path):

@@ -3,7 +3,8 @@
 The fixtures cover MQA, MHA and GQA, head_dim != D/N, query_pre_attn_scalar != head_dim, soft-caps that bite,
 Gemma 3 QK-norm with local/global RoPE bases and linear scaling 8, sequences longer than the window, and
 Gemma 4 (dense): unscaled queries, value norm, weight-scaled norms, layer scalars, global layers with their own
-head dim and proportional RoPE, and (gemma4_kv) keys = values with their own kv-head count.
+head dim and proportional RoPE, (gemma4_kv) keys = values with their own kv-head count, and (gemma4_edge)
+per-layer inputs, KV-shared last layers and their double-wide MLPs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from gemma_jax.model.config import AttentionType
 from gemma_jax.model.transformer import Transformer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3", "gemma4", "gemma4_kv")
+NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3", "gemma4", "gemma4_kv", "gemma4_edge")
 TOL = 1e-4
 
 
@@ -68,6 +69,10 @@ def test_fixtures_exercise_the_features():
   assert "k_einsum" in p4kv["layer_5"]["attn"] and "kv_einsum" in p4kv["layer_0"]["attn"]
   scalars = [float(p4[f"layer_{i}"]["layer_scalar"][0]) for i in range(c4.num_layers)]
   assert min(scalars) < 0.9 and max(scalars) > 1.1  # the fixture's scalars are not all 1
+  ce, pe, _, _ = load("gemma4_edge")
+  assert ce.per_layer_input_dim == 8 and ce.double_wide_shared_mlp
+  assert [ce.kv_source(i) for i in range(ce.num_layers)] == [None] * 5 + [2, 4, 2]
+  assert "kv_einsum" not in pe["layer_6"]["attn"] and pe["layer_6"]["mlp"]["linear"].shape[0] == 2 * ce.hidden_dim
 
 
 def test_soft_caps_bite():
@@ -122,7 +127,7 @@ def test_packed_rows_match_separate_rows(name):
   assert np.abs(ours[T:T + cut] - ref[1, :cut]).max() < TOL
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma4", "gemma4_kv"])
+@pytest.mark.parametrize("name", ["gemma3", "gemma4", "gemma4_kv", "gemma4_edge"])
 def test_prefill_then_cached_decoding_matches_transformers(name):
   """A prefill of 5 tokens, then one token at a time through the KV cache (ring buffers on sliding layers,
   Gemma 4's global layers with their own cache shapes), past twice the window: every position's logits
@@ -135,6 +140,7 @@ def test_prefill_then_cached_decoding_matches_transformers(name):
   g = AttentionType.GLOBAL
   want_shape = (tokens.shape[0], tokens.shape[1], config.kv_heads_of(g), config.head_dim_of(g))
   assert cache[f"layer_{config.attention_types.index(g)}"]["k"].shape == want_shape
+  assert len(cache) == config.num_layers - config.num_kv_shared_layers  # KV-shared layers hold none
   logits, cache = step(params, tokens[:, :5], cache)
   outs = [np.asarray(logits)]
   for i in range(5, tokens.shape[1]):

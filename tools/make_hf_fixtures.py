@@ -198,6 +198,13 @@ def gemma4_specs():
       # K = V on global layers, which also have their own (smaller) kv-head count.
       "gemma4_kv": (Gemma4TextConfig(attention_k_eq_v=True, num_global_key_value_heads=1, **common), 32),
       "gemma4": (Gemma4TextConfig(**common), 32),
+      # Edge (E2B-like): per-layer inputs (P = 8), the last 3 layers attend over layer 2's (global) and
+      # layer 4's (sliding) keys and values and have double-wide MLPs; layers 4:1-style with globals at 2, 5, 7.
+      "gemma4_edge": (Gemma4TextConfig(**{
+          **common, "num_hidden_layers": 8, "hidden_size_per_layer_input": 8, "num_kv_shared_layers": 3,
+          "use_double_wide_mlp": True,
+          "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                          "sliding_attention", "full_attention", "sliding_attention", "full_attention"]}), 32),
   }
 
 

@@ -45,8 +45,7 @@ _HF_DEFAULTS = {
                         attn_logit_softcapping=None, hidden_size_per_layer_input=256, global_head_dim=512),
 }
 # Gemma 4 features our model does not implement yet: (config key, the value that means "off").
-GEMMA4_NOT_YET = (("hidden_size_per_layer_input", 0), ("num_kv_shared_layers", 0), ("enable_moe_block", False),
-                  ("use_double_wide_mlp", False))
+GEMMA4_NOT_YET = (("enable_moe_block", False),)
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 
 # The official (Flax) embedding rows and HF's for the same tokenizer.
@@ -184,7 +183,11 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
     for key, off in GEMMA4_NOT_YET:
       if c.get(key, off) not in (off, None):
         raise CheckpointError(f"{source}: {key}={c[key]!r} is a Gemma 4 feature this version does not implement "
-                              "yet (dense Gemma 4 only: no per-layer inputs, KV sharing, double-wide MLP or MoE)")
+                              "yet (the mixture-of-experts model, 26B-A4B)")
+    ple_vocab = c.get("vocab_size_per_layer_input", c["vocab_size"])
+    if c.get("hidden_size_per_layer_input") and ple_vocab != c["vocab_size"]:
+      raise CheckpointError(f"{source}: vocab_size_per_layer_input={ple_vocab} differs from vocab_size="
+                            f"{c['vocab_size']}; this version needs them equal")
   num_layers = int(c["num_hidden_layers"])
   if not 1 <= num_layers <= 4096:  # the per-layer lists below are built before the config is validated
     raise CheckpointError(f"{source}: num_hidden_layers={num_layers} is not a plausible number of layers")
@@ -249,7 +252,10 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
     g4 = dict(global_head_dim=global_head_dim if global_head_dim != head_dim else None,
               num_global_kv_heads=global_kv if global_kv != int(c["num_key_value_heads"]) else None,
               global_k_eq_v=bool(c.get("attention_k_eq_v")), use_value_norm=True, global_rope_fraction=fraction,
-              norm_plus_one=False, use_layer_scalar=True)
+              norm_plus_one=False, use_layer_scalar=True,
+              per_layer_input_dim=int(c.get("hidden_size_per_layer_input") or 0),
+              num_kv_shared_layers=int(c.get("num_kv_shared_layers") or 0),
+              double_wide_shared_mlp=bool(c.get("use_double_wide_mlp")))
     qpas = 1.0
   try:
     config = TransformerConfig(
@@ -365,8 +371,9 @@ def _gemma4_to_hf(c: TransformerConfig, out: dict, layer_types: list[str]) -> di
           "full_attention": {"rope_type": "proportional", "partial_rotary_factor": c.global_rope_fraction,
                              "rope_theta": c.global_base_frequency},
           "sliding_attention": {"rope_type": "default", "rope_theta": c.local_base_frequency}},
-      "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": out["vocab_size"], "num_kv_shared_layers": 0,
-      "enable_moe_block": False, "use_double_wide_mlp": False, "use_bidirectional_attention": None})
+      "hidden_size_per_layer_input": c.per_layer_input_dim, "vocab_size_per_layer_input": out["vocab_size"],
+      "num_kv_shared_layers": c.num_kv_shared_layers, "use_double_wide_mlp": c.double_wide_shared_mlp,
+      "enable_moe_block": False, "use_bidirectional_attention": None})
   if c.global_k_eq_v:
     out["num_global_key_value_heads"] = c.kv_heads_of(g)
   return out

@@ -46,7 +46,9 @@ def _layer_map(config: TransformerConfig, i: int) -> list[tuple[tuple[str, ...],
   a = p + "self_attn."
   rows = []
   t = c.attention_types[i]
-  if c.k_eq_v(t):  # Gemma 4 global layers: k_proj gives keys and values, there is no v_proj
+  if c.kv_source(i) is not None:  # KV-shared: queries only (HF builds no k/v projections or key norm here)
+    rows.append(((L, "attn", "q_einsum", "w"), [a + "q_proj.weight"], "heads1"))
+  elif c.k_eq_v(t):  # Gemma 4 global layers: k_proj gives keys and values, there is no v_proj
     rows.append(((L, "attn", "q_einsum", "w"), [a + "q_proj.weight"], "heads1"))
     rows.append(((L, "attn", "k_einsum", "w"), [a + "k_proj.weight"], "heads1"))
   elif c.kv_heads_of(t) == c.num_heads:
@@ -58,7 +60,8 @@ def _layer_map(config: TransformerConfig, i: int) -> list[tuple[tuple[str, ...],
   rows.append(((L, "attn", "attn_vec_einsum", "w"), [a + "o_proj.weight"], "out"))
   if c.use_qk_norm:
     rows.append(((L, "attn", "_query_norm", "scale"), [a + "q_norm.weight"], "none"))
-    rows.append(((L, "attn", "_key_norm", "scale"), [a + "k_norm.weight"], "none"))
+    if c.kv_source(i) is None:
+      rows.append(((L, "attn", "_key_norm", "scale"), [a + "k_norm.weight"], "none"))
   rows.append(((L, "mlp", "gating_einsum"), [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], "stack"))
   rows.append(((L, "mlp", "linear"), [p + "mlp.down_proj.weight"], "T"))
   rows.append(((L, "pre_attention_norm", "scale"), [p + "input_layernorm.weight"], "none"))
@@ -70,6 +73,10 @@ def _layer_map(config: TransformerConfig, i: int) -> list[tuple[tuple[str, ...],
     rows.append(((L, "pre_ffw_norm", "scale"), [p + "pre_feedforward_layernorm.weight"], "none"))
   if c.use_post_ffw_norm:
     rows.append(((L, "post_ffw_norm", "scale"), [p + "post_feedforward_layernorm.weight"], "none"))
+  if c.per_layer_input_dim:
+    rows.append(((L, "per_layer", "per_layer_input_gate", "w"), [p + "per_layer_input_gate.weight"], "T"))
+    rows.append(((L, "per_layer", "per_layer_projection", "w"), [p + "per_layer_projection.weight"], "T"))
+    rows.append(((L, "per_layer", "norm", "scale"), [p + "post_per_layer_input_norm.weight"], "none"))
   if c.use_layer_scalar:
     rows.append(((L, "layer_scalar"), [p + "layer_scalar"], "none"))
   return rows
@@ -78,6 +85,10 @@ def _layer_map(config: TransformerConfig, i: int) -> list[tuple[tuple[str, ...],
 def name_map(config: TransformerConfig) -> list[tuple[tuple[str, ...], list[str], str]]:
   """Every parameter: (our path, HF names without the `model.` prefix, transform)."""
   rows = [(("embedder", "input_embedding"), ["embed_tokens.weight"], "none")]
+  if config.per_layer_input_dim:
+    rows += [(("per_layer_inputs", "embedding"), ["embed_tokens_per_layer.weight"], "none"),
+             (("per_layer_inputs", "per_layer_model_projection", "w"), ["per_layer_model_projection.weight"], "T"),
+             (("per_layer_inputs", "norm", "scale"), ["per_layer_projection_norm.weight"], "none")]
   for i in range(config.num_layers):
     rows += _layer_map(config, i)
   rows.append((("final_norm", "scale"), ["norm.weight"], "none"))
@@ -85,33 +96,31 @@ def name_map(config: TransformerConfig) -> list[tuple[tuple[str, ...], list[str]
 
 
 def hf_shapes(config: TransformerConfig, vocab_rows: int | None = None) -> dict[str, tuple[int, ...]]:
-  """HF tensor name (without prefix) -> shape."""
+  """HF tensor name (without prefix) -> shape: ours as it is ("none"; the embedding with HF's rows),
+  transposed ("T"), or split back into HF's per-projection matrices."""
   c = config
-  D, F, N = c.embed_dim, c.hidden_dim, c.num_heads
+  D, N = c.embed_dim, c.num_heads
   V = c.vocab_size if vocab_rows is None else vocab_rows
+  ours = expected_shapes(config)
   out = {}
-  for path, names, _ in name_map(config):
+  for path, names, kind in name_map(config):
+    shape = ours["/".join(path)]
     K, H = _layer_dims(c, path)
     for n in names:
       if n == "embed_tokens.weight":
-        s = (V, D)
+        out[n] = (V, D)
+      elif kind == "none":
+        out[n] = shape
+      elif kind == "T":
+        out[n] = tuple(reversed(shape))
+      elif kind == "stack":  # gate, up: [2, F, D] -> [F, D] each
+        out[n] = shape[1:]
       elif n.endswith("q_proj.weight"):
-        s = (N * H, D)
+        out[n] = (N * H, D)
       elif n.endswith(("k_proj.weight", "v_proj.weight")):
-        s = (K * H, D)
-      elif n.endswith("o_proj.weight"):
-        s = (D, N * H)
-      elif n.endswith(("q_norm.weight", "k_norm.weight")):
-        s = (H,)
-      elif n.endswith(("gate_proj.weight", "up_proj.weight")):
-        s = (F, D)
-      elif n.endswith("down_proj.weight"):
-        s = (D, F)
-      elif n.endswith("layer_scalar"):
-        s = (1,)
-      else:
-        s = (D,)
-      out[n] = s
+        out[n] = (K * H, D)
+      else:  # o_proj
+        out[n] = (D, N * H)
   return out
 
 
@@ -157,6 +166,12 @@ def _to_hf(config: TransformerConfig, kind: str, w: np.ndarray) -> list[np.ndarr
   if kind == "T":
     return [w.T]
   raise AssertionError(kind)
+
+
+def _ignored_kv_of_shared_layers(config: TransformerConfig) -> set[str]:
+  """k/v projections and norms hub files may hold for KV-shared layers (HF ignores them on load; so do we)."""
+  return {f"layers.{i}.self_attn.{n}.weight" for i in range(config.num_layers) if config.kv_source(i) is not None
+          for n in ("k_proj", "v_proj", "k_norm", "v_norm")}
 
 
 # Prefixes of the language model's tensors, and of tensors that belong to other towers (ignored).
@@ -205,7 +220,8 @@ def params_from_hf(config: TransformerConfig, names: Mapping[str, tuple[int, ...
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     raise CheckpointError(f"{where(missing[0])}: tensor {missing[0]} is missing{more}; the weights do not match "
                           "config.json (incomplete download or a different model?)")
-  extra = [n for n in shapes if n not in expected and n not in HEAD_NAMES
+  ignored = {prefix + n for n in _ignored_kv_of_shared_layers(config)}
+  extra = [n for n in shapes if n not in expected and n not in HEAD_NAMES and n not in ignored
            and not n.startswith(IGNORED_PREFIXES) and not n.endswith("rotary_emb.inv_freq")]
   if extra:
     more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""

@@ -3,7 +3,9 @@
 Letters: B batch, T query length, S key length, D model, N query heads, K kv heads, G = N / K heads per kv
 head, H head dim. K and H are the layer's own (`config.kv_heads_of` / `head_dim_of`): Gemma 4's global layers
 have more dims and fewer kv heads, and may take keys and values from one projection (`k_einsum`), with a
-scale-free norm on the values and RoPE on a fraction of the pairs.
+scale-free norm on the values and RoPE on a fraction of the pairs. A KV-shared layer (`kv_shared`, Gemma 4's
+last layers) has no key/value projections and no cache: it attends over the keys and values its source layer
+attended over (`SharedKV`, passed in by the transformer).
 
 Visibility is decided by positions alone: key position p is visible from query position q iff
 `0 <= p <= q` (and `q - W < p` on sliding-window layers), and, for packed rows, the segments match.
@@ -25,6 +27,10 @@ from gemma_jax.model.sharding import ShardingContext, constrain
 # The projections (see `Attention.__call__`).
 Q_EQN, KV_EQN, QKV_EQN, OUT_EQN = "BTD,NDH->BTNH", "BTD,CKDH->CBTKH", "BTD,CNDH->CBTNH", "BTNH,NHD->BTD"
 K_EQN = "BTD,KDH->BTKH"
+
+# What a layer attended over, for the KV-shared layers after it: keys, values [B, S, K, H], key positions
+# [B, S] and key segments [B, S] (or None).
+SharedKV = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]
 
 # The official implementation's mask value: finite, so a fully masked row (padding) gives no NaN.
 MASK_VALUE = -2.3819763e38
@@ -48,12 +54,15 @@ class Attention(nn.Module):
   attn_type: AttentionType
   sharding: ShardingContext | None = None
   matmul: Matmul = XLA  # passed to the projections (see `Matmul`)
+  kv_shared: bool = False  # attends over another layer's keys and values (no k/v projections, no cache)
 
   def setup(self):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), matmul=self.matmul)
     n, k, h = c.num_heads, self.num_kv_heads, self.head_dim
-    if c.k_eq_v(self.attn_type):  # one projection: keys, and values before their norm
+    if self.kv_shared:
+      self.q_einsum = Einsum((n, c.embed_dim, h), ("heads", "embed", "head_dim"), **kw)
+    elif c.k_eq_v(self.attn_type):  # one projection: keys, and values before their norm
       self.q_einsum = Einsum((n, c.embed_dim, h), ("heads", "embed", "head_dim"), **kw)
       self.k_einsum = Einsum((k, c.embed_dim, h), ("kv_heads", "embed", "head_dim"), **kw)
     elif n == k:  # MHA: one fused projection, as in the official checkpoints
@@ -64,7 +73,8 @@ class Attention(nn.Module):
     self.attn_vec_einsum = Einsum((n, h, c.embed_dim), ("heads", "head_dim", "embed"), **kw)
     if c.use_qk_norm:
       self._query_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one)
-      self._key_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one)
+      if not self.kv_shared:
+        self._key_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one)
 
   @property
   def head_dim(self) -> int:
@@ -78,47 +88,63 @@ class Attention(nn.Module):
   def window(self) -> int | None:
     return self.config.sliding_window_size if self.attn_type == AttentionType.LOCAL else None
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_pos: jax.Array,
-               segment_ids: jax.Array | None, cache: kv_cache.LayerCache | None
-               ) -> tuple[jax.Array, kv_cache.LayerCache | None]:
-    """x [B, T, D]; positions [B, T]; key_pos [B, T] (positions, -1 on padding).
+  def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    c = self.config
+    is_global = self.attn_type == AttentionType.GLOBAL
+    return apply_rope(x, positions, base_frequency=c.global_base_frequency if is_global else c.local_base_frequency,
+                      scale_factor=c.global_scale_factor if is_global else 1.0,
+                      fraction=c.global_rope_fraction if is_global else 1.0)
 
-    Returns [B, T, D] and the updated layer cache (None without one).
+  def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """q [B, T, N, H] and k, v [B, T, K, H] (None on a KV-shared layer), before RoPE and norms."""
+    c = self.config
+    if self.kv_shared:
+      return self.q_einsum(Q_EQN, x), None, None
+    if c.k_eq_v(self.attn_type):
+      k = self.k_einsum(K_EQN, x)
+      return self.q_einsum(Q_EQN, x), k, k
+    if c.num_heads == self.num_kv_heads:
+      return tuple(self.qkv_einsum(QKV_EQN, x))
+    k, v = self.kv_einsum(KV_EQN, x)
+    return self.q_einsum(Q_EQN, x), k, v
+
+  def __call__(self, x: jax.Array, positions: jax.Array, key_pos: jax.Array,
+               segment_ids: jax.Array | None, cache: kv_cache.LayerCache | None, shared: SharedKV | None = None
+               ) -> tuple[jax.Array, kv_cache.LayerCache | None, SharedKV]:
+    """x [B, T, D]; positions [B, T]; key_pos [B, T] (positions, -1 on padding); `shared`: what the source
+    layer attended over (KV-shared layers only).
+
+    Returns [B, T, D], the updated layer cache (None without one) and what this layer attended over.
     """
     c = self.config
-    if c.k_eq_v(self.attn_type):
-      q = self.q_einsum(Q_EQN, x)
-      k = v = self.k_einsum(K_EQN, x)
-    elif c.num_heads == self.num_kv_heads:
-      q, k, v = self.qkv_einsum(QKV_EQN, x)
-    else:
-      q = self.q_einsum(Q_EQN, x)
-      k, v = self.kv_einsum(KV_EQN, x)
+    q, k, v = self._project(x)
     if c.use_qk_norm:
-      q, k = self._query_norm(q), self._key_norm(k)
-    if c.use_value_norm:
-      v = rms_normalize(v, c.norm_eps).astype(v.dtype)
-    is_global = self.attn_type == AttentionType.GLOBAL
-    rope = dict(base_frequency=c.global_base_frequency if is_global else c.local_base_frequency,
-                scale_factor=c.global_scale_factor if is_global else 1.0,
-                fraction=c.global_rope_fraction if is_global else 1.0)
-    q = apply_rope(q, positions, **rope)
+      q = self._query_norm(q)
+    q = self._rope(q, positions)
     if c.query_scale != 1.0:  # Gemma 4 has none (the QK-norm scales)
       q = q * jnp.asarray(c.query_scale, q.dtype)
-    k = apply_rope(k, positions, **rope)
 
-    q_seg = k_seg = None
-    if cache is None:
-      keys, values, k_pos, new_cache = k, v, key_pos, None
-      q_seg = k_seg = segment_ids
-    elif x.shape[1] == 1:  # decode: write first; the slot it overwrites is already outside the window
-      new_cache = kv_cache.write(cache, k, v, key_pos)
-      keys, values, k_pos = new_cache["k"], new_cache["v"], new_cache["pos"]
-    else:  # a chunk on top of a cache: attend over old slots plus the chunk, then write
-      keys = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
-      values = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
-      k_pos = jnp.concatenate([cache["pos"], key_pos], axis=1)
-      new_cache = kv_cache.write(cache, k, v, key_pos)
+    q_seg = segment_ids if cache is None else None
+    new_cache = None
+    if self.kv_shared:
+      keys, values, k_pos, k_seg = shared
+    else:
+      if c.use_qk_norm:
+        k = self._key_norm(k)
+      if c.use_value_norm:
+        v = rms_normalize(v, c.norm_eps).astype(v.dtype)
+      k = self._rope(k, positions)
+      k_seg = q_seg
+      if cache is None:
+        keys, values, k_pos = k, v, key_pos
+      elif x.shape[1] == 1:  # decode: write first; the slot it overwrites is already outside the window
+        new_cache = kv_cache.write(cache, k, v, key_pos)
+        keys, values, k_pos = new_cache["k"], new_cache["v"], new_cache["pos"]
+      else:  # a chunk on top of a cache: attend over old slots plus the chunk, then write
+        keys = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
+        k_pos = jnp.concatenate([cache["pos"], key_pos], axis=1)
+        new_cache = kv_cache.write(cache, k, v, key_pos)
 
     b, t, n, h = q.shape
     q = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
@@ -129,4 +155,4 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
     encoded = constrain(encoded, ("batch", "length", "heads", "head_dim"), self.sharding)
-    return self.attn_vec_einsum(OUT_EQN, encoded), new_cache
+    return self.attn_vec_einsum(OUT_EQN, encoded), new_cache, (keys, values, k_pos, k_seg)

@@ -70,6 +70,9 @@ class TransformerConfig:
   global_rope_fraction: float = 1.0  # GLOBAL layers rotate this fraction of the pairs ("proportional" RoPE)
   norm_plus_one: bool = True  # RMSNorm scales by (1 + scale), scale from 0 (Gemma 1-3); False: by scale, from 1
   use_layer_scalar: bool = False  # each block's output (the residual stream) times a learned scalar (Gemma 4)
+  per_layer_input_dim: int = 0  # P: Gemma 4 edge models' per-layer inputs (a second table, P per layer); 0 = none
+  num_kv_shared_layers: int = 0  # the last layers attend over an earlier same-type layer's keys and values
+  double_wide_shared_mlp: bool = False  # KV-shared layers have an MLP of width 2F
   max_seq_len: int = 8192  # context the model was trained for (informational; caches size themselves)
   dtype: str = "float32"  # compute dtype; softmax, norms and the logits are always f32
   param_dtype: str = "float32"
@@ -125,6 +128,14 @@ class TransformerConfig:
       bad("global_head_dim", "must be even (RoPE rotates pairs)")
     if not 0.0 <= self.global_rope_fraction <= 1.0:
       bad("global_rope_fraction", "must be in [0, 1]")
+    if not isinstance(self.per_layer_input_dim, int) or self.per_layer_input_dim < 0:
+      bad("per_layer_input_dim", "must be an integer >= 0")
+    if not isinstance(self.num_kv_shared_layers, int) or not 0 <= self.num_kv_shared_layers < self.num_layers:
+      bad("num_kv_shared_layers", f"must be in [0, num_layers={self.num_layers})")
+    for i in range(self.num_layers - self.num_kv_shared_layers, self.num_layers):
+      if self.kv_source(i) is None:
+        bad("num_kv_shared_layers", f"layer {i} ({self.attention_types[i].value}) has no earlier unshared layer of "
+            "its type to take keys and values from")
     if self.dtype not in DTYPES:
       bad("dtype", f"use one of {', '.join(DTYPES)}")
     if self.param_dtype not in DTYPES:
@@ -145,6 +156,20 @@ class TransformerConfig:
   def kv_heads_of(self, attn_type: AttentionType) -> int:
     """K of a layer of this type."""
     return self.num_global_kv_heads or self.num_kv_heads if attn_type == AttentionType.GLOBAL else self.num_kv_heads
+
+  def kv_source(self, layer: int) -> int | None:
+    """For a KV-shared layer (the last `num_kv_shared_layers`), the last unshared layer of its type, whose keys
+    and values it attends over; None for every other layer (and for a shared layer with no such source)."""
+    first_shared = self.num_layers - self.num_kv_shared_layers
+    if layer < first_shared:
+      return None
+    same = [j for j in range(first_shared) if self.attention_types[j] == self.attention_types[layer]]
+    return same[-1] if same else None
+
+  def mlp_dim_of(self, layer: int) -> int:
+    """F of a layer's MLP: 2F on KV-shared layers of double-wide models."""
+    shared = layer >= self.num_layers - self.num_kv_shared_layers
+    return self.hidden_dim * (2 if self.double_wide_shared_mlp and shared and self.num_kv_shared_layers else 1)
 
   def k_eq_v(self, attn_type: AttentionType) -> bool:
     """Whether the layer's keys and values come from one projection."""
@@ -280,6 +305,7 @@ def preset_names() -> list[str]:
 # (everything but vocab rows, context length, dtypes, remat and the preset name).
 SHAPE_FIELDS = ("family", "num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim",
                 "global_head_dim", "num_global_kv_heads", "global_k_eq_v")
+SHAPE_FIELDS += ("per_layer_input_dim", "num_kv_shared_layers", "double_wide_shared_mlp")
 TREE_FIELDS = SHAPE_FIELDS + ("use_qk_norm", "use_post_attn_norm", "use_post_ffw_norm", "use_layer_scalar")
 ARCH_FIELDS = TREE_FIELDS + (
     "query_pre_attn_scalar", "attention_types", "sliding_window_size", "attn_logits_soft_cap",

@@ -37,6 +37,8 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int, dtype: 
   dtype = jnp.dtype(dtype or config.dtype)
   cache = {}
   for i in range(config.num_layers):
+    if config.kv_source(i) is not None:  # KV-shared: attends over its source layer's entries
+      continue
     s = layer_cache_length(config, i, max_len)
     t = config.attention_types[i]
     shape = (batch_size, s, config.kv_heads_of(t), config.head_dim_of(t))

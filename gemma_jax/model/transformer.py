@@ -26,6 +26,8 @@ from gemma_jax.model.sharding import ShardingContext, constrain, param_init
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")
 GATING_EQN, LINEAR_EQN = "BTD,CFD->CBTF", "BTF,FD->BTD"
+# Gemma 4's per-layer inputs: the model-level projection, each layer's gate and its projection back.
+PLE_MODEL_EQN, PLE_GATE_EQN, PLE_OUT_EQN = "BTD,DX->BTX", "BTD,DP->BTP", "BTP,PD->BTD"
 
 
 class FeedForward(nn.Module):
@@ -37,45 +39,95 @@ class FeedForward(nn.Module):
 
   config: TransformerConfig
   matmul: Matmul = XLA
+  hidden_dim: int | None = None  # F (None: config.hidden_dim; Gemma 4's double-wide layers: 2F)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
+    f = self.hidden_dim or c.hidden_dim
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), matmul=self.matmul)
-    gating = Einsum((2, c.hidden_dim, c.embed_dim), (None, "mlp", "embed"), weight_name="gating_einsum",
+    gating = Einsum((2, f, c.embed_dim), (None, "mlp", "embed"), weight_name="gating_einsum",
                     name="gate_up", **kw)
     nn.share_scope(self, gating)
     gate_up = gating(GATING_EQN, x)
     hidden = jax.nn.gelu(gate_up[0], approximate=True) * gate_up[1]
-    linear = Einsum((c.hidden_dim, c.embed_dim), ("mlp", "embed"), weight_name="linear", name="down", **kw)
+    linear = Einsum((f, c.embed_dim), ("mlp", "embed"), weight_name="linear", name="down", **kw)
     nn.share_scope(self, linear)
     return linear(LINEAR_EQN, hidden)
 
 
-class Block(nn.Module):
+class PerLayerInput(nn.Module):
+  """Gemma 4 edge models, after the MLP: `norm(gelu_tanh(x W_gate) * per_layer_input) W_proj`, added to the
+  residual. per_layer_input_gate [D, P], per_layer_projection [P, D]; per_layer_input [B, T, P] (see
+  `PerLayerInputs`)."""
+
   config: TransformerConfig
-  attn_type: AttentionType
+  matmul: Matmul = XLA
+
+  @nn.compact
+  def __call__(self, x: jax.Array, per_layer_input: jax.Array) -> jax.Array:
+    c = self.config
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), matmul=self.matmul)
+    p = c.per_layer_input_dim
+    gate = Einsum((c.embed_dim, p), ("embed", None), name="per_layer_input_gate", **kw)
+    h = jax.nn.gelu(gate(PLE_GATE_EQN, x), approximate=True) * per_layer_input.astype(x.dtype)
+    h = Einsum((p, c.embed_dim), (None, "embed"), name="per_layer_projection", **kw)(PLE_OUT_EQN, h)
+    return RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one, name="norm")(h)
+
+
+class PerLayerInputs(nn.Module):
+  """Gemma 4 edge models' per-layer inputs [B, T, L, P]: a second table's rows (scaled by sqrt(P)) plus a
+  normed projection of the scaled embeddings (times D^-1/2), the sum times 2^-1/2. embedding [V, L*P],
+  per_layer_model_projection [D, L*P], norm [P]."""
+
+  config: TransformerConfig
+  matmul: Matmul = XLA
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, embedded: jax.Array) -> jax.Array:
+    c = self.config
+    dt = jnp.dtype(c.dtype)
+    lp = c.num_layers * c.per_layer_input_dim
+    table = self.param("embedding", param_init(nn.initializers.normal(stddev=1.0), ("vocab", None)),
+                       (c.vocab_size, lp), jnp.dtype(c.param_dtype))
+    rows = jnp.take(table, tokens, axis=0).astype(dt) * jnp.asarray(c.per_layer_input_dim ** 0.5, dt)
+    proj = Einsum((c.embed_dim, lp), ("embed", None), dtype=dt, param_dtype=jnp.dtype(c.param_dtype),
+                  matmul=self.matmul, name="per_layer_model_projection")(PLE_MODEL_EQN, embedded)
+    shape = tokens.shape + (c.num_layers, c.per_layer_input_dim)
+    proj = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one, name="norm")(
+        (proj * jnp.asarray(c.embed_dim ** -0.5, dt)).reshape(shape))
+    return (proj + rows.reshape(shape)) * jnp.asarray(2.0 ** -0.5, dt)
+
+
+class Block(nn.Module):
+  """One layer; `index` picks its attention type, MLP width and whether it shares another layer's KV."""
+
+  config: TransformerConfig
+  index: int
   sharding: ShardingContext | None = None
   matmul: Matmul = XLA
 
   @nn.compact
-  def __call__(self, x, positions, key_pos, segment_ids, cache):
-    c = self.config
+  def __call__(self, x, positions, key_pos, segment_ids, cache, shared=None, per_layer_input=None):
+    c, i = self.config, self.index
     norm = lambda name: RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one, name=name)
-    h, cache = Attention(c, self.attn_type, self.sharding, self.matmul, name="attn")(
-        norm("pre_attention_norm")(x), positions, key_pos, segment_ids, cache)
+    attn = Attention(c, c.attention_types[i], self.sharding, self.matmul, kv_shared=c.kv_source(i) is not None,
+                     name="attn")
+    h, cache, attended = attn(norm("pre_attention_norm")(x), positions, key_pos, segment_ids, cache, shared)
     if c.use_post_attn_norm:
       h = norm("post_attention_norm")(h)
     x = constrain(x + h, RESIDUAL_AXES, self.sharding)
-    h = FeedForward(c, self.matmul, name="mlp")(norm("pre_ffw_norm")(x))
+    h = FeedForward(c, self.matmul, c.mlp_dim_of(i), name="mlp")(norm("pre_ffw_norm")(x))
     if c.use_post_ffw_norm:
       h = norm("post_ffw_norm")(h)
     x = x + h
+    if c.per_layer_input_dim:
+      x = x + PerLayerInput(c, self.matmul, name="per_layer")(x, per_layer_input)
     if c.use_layer_scalar:
       scalar = self.param("layer_scalar", param_init(nn.initializers.ones_init(), ("norm",)), (1,),
                           jnp.dtype(c.param_dtype))
       x = x * scalar.astype(x.dtype)
-    return constrain(x, RESIDUAL_AXES, self.sharding), cache
+    return constrain(x, RESIDUAL_AXES, self.sharding), cache, attended
 
 
 def _block_class(remat: str):
@@ -111,8 +163,9 @@ class Transformer(nn.Module):
     c = self.config
     self.embedder = Embedder(c.vocab_size, c.embed_dim, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), self.matmul)
     block = _block_class(c.remat)
-    self.layers = [block(c, t, self.sharding, self.matmul, name=f"layer_{i}")
-                   for i, t in enumerate(c.attention_types)]
+    self.layers = [block(c, i, self.sharding, self.matmul, name=f"layer_{i}") for i in range(c.num_layers)]
+    if c.per_layer_input_dim:
+      self.per_layer_inputs = PerLayerInputs(c, self.matmul)
     self.final_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, input_mask: jax.Array | None = None,
@@ -130,11 +183,16 @@ class Transformer(nn.Module):
     key_pos = jnp.where(input_mask, positions, -1)
 
     x = constrain(self.embedder.encode(tokens), RESIDUAL_AXES, self.sharding)
+    per_layer = self.per_layer_inputs(tokens, x) if self.config.per_layer_input_dim else None
     new_cache = {} if cache is not None else None
+    attended = {}  # layer -> what it attended over, for the KV-shared layers
     for i, layer in enumerate(self.layers):
       name = f"layer_{i}"
-      x, layer_cache = layer(x, positions, key_pos, segment_ids, None if cache is None else cache[name])
-      if cache is not None:
+      source = self.config.kv_source(i)
+      x, layer_cache, attended[i] = layer(
+          x, positions, key_pos, segment_ids, None if cache is None or source is not None else cache[name],
+          None if source is None else attended[source], None if per_layer is None else per_layer[:, :, i])
+      if cache is not None and source is None:  # KV-shared layers hold no cache
         new_cache[name] = layer_cache
     x = self.final_norm(x)
     if return_hidden:
