@@ -4,7 +4,8 @@ The fixtures cover MQA, MHA and GQA, head_dim != D/N, query_pre_attn_scalar != h
 Gemma 3 QK-norm with local/global RoPE bases and linear scaling 8, sequences longer than the window, and
 Gemma 4 (dense): unscaled queries, value norm, weight-scaled norms, layer scalars, global layers with their own
 head dim and proportional RoPE, (gemma4_kv) keys = values with their own kv-head count, and (gemma4_edge)
-per-layer inputs, KV-shared last layers and their double-wide MLPs.
+per-layer inputs, KV-shared last layers and their double-wide MLPs, and (gemma4_moe) 8 experts, top 2, beside
+the dense MLP.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from gemma_jax.model.config import AttentionType
 from gemma_jax.model.transformer import Transformer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3", "gemma4", "gemma4_kv", "gemma4_edge")
+NAMES = ("gemma1_mqa", "gemma1_mha", "gemma2", "gemma3", "gemma4", "gemma4_kv", "gemma4_edge", "gemma4_moe")
 TOL = 1e-4
 
 
@@ -127,7 +128,7 @@ def test_packed_rows_match_separate_rows(name):
   assert np.abs(ours[T:T + cut] - ref[1, :cut]).max() < TOL
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma4", "gemma4_kv", "gemma4_edge"])
+@pytest.mark.parametrize("name", ["gemma3", "gemma4", "gemma4_kv", "gemma4_edge", "gemma4_moe"])
 def test_prefill_then_cached_decoding_matches_transformers(name):
   """A prefill of 5 tokens, then one token at a time through the KV cache (ring buffers on sliding layers,
   Gemma 4's global layers with their own cache shapes), past twice the window: every position's logits

@@ -346,3 +346,14 @@ def test_gemma4_samples_in_every_layout_as_its_full_forward(tiny_tokenizer_v4):
     assert list(np.argmax(logits[len(prompt) - 1:-1], -1)) == out.tokens
   from gemma_jax.sampling.stopping import default_stop_ids
   assert default_stop_ids(tiny_tokenizer_v4) == (1, tiny_tokenizer_v4.piece_to_id("<turn|>"))
+
+
+def test_gemma4_moe_samples_the_same_in_the_packed_layout(tiny_tokenizer_v4):
+  """The experts are read directly (not through the matmul hook): the packed copy must leave them as they are."""
+  cfg, params = _model("gemma4", num_experts=4, experts_per_token=2, expert_hidden_dim=16)
+  kinds = ["plain"] + (["packed"] if packed_matmul.available() else ["loop"])
+  prompts = [[2, 40, 41, 42, 43]]
+  outs = [Sampler(cfg, params, tiny_tokenizer_v4, prefill_chunk=16, min_cache=128, layout=WeightLayout(k))
+          .generate(prompts, max_new_tokens=8, stop_ids=())[0] for k in kinds]
+  assert outs[0].tokens == outs[1].tokens
+  np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)

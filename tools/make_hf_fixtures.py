@@ -205,6 +205,10 @@ def gemma4_specs():
           "use_double_wide_mlp": True,
           "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
                           "sliding_attention", "full_attention", "sliding_attention", "full_attention"]}), 32),
+      # MoE (26B-A4B-like): 8 experts of width 16, top 2, beside the dense MLP; K = V on global layers.
+      "gemma4_moe": (Gemma4TextConfig(**{
+          **common, "attention_k_eq_v": True, "num_global_key_value_heads": 1, "enable_moe_block": True,
+          "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 16}), 32),
   }
 
 
@@ -223,6 +227,10 @@ def _init_weights(model, seed: int) -> None:
         w = rng.normal(1.0 if plain_norms else 0.0, 0.3, p.shape)
       elif "embed_tokens" in name:
         w = rng.normal(0.0, 1.0, p.shape)
+      elif p.ndim == 1:  # Gemma 4's router scales
+        w = rng.uniform(0.5, 1.5, p.shape)
+      elif p.ndim == 3:  # Gemma 4's experts [E, out, in]
+        w = rng.normal(0.0, 1.0 / np.sqrt(p.shape[2]), p.shape)
       else:
         gain = 1.5 if ("q_proj" in name or "k_proj" in name) else 1.0
         w = rng.normal(0.0, gain / np.sqrt(p.shape[1]), p.shape)

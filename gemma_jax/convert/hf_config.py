@@ -44,8 +44,6 @@ _HF_DEFAULTS = {
                         query_pre_attn_scalar=1.0, sliding_window=512, final_logit_softcapping=None,
                         attn_logit_softcapping=None, hidden_size_per_layer_input=256, global_head_dim=512),
 }
-# Gemma 4 features our model does not implement yet: (config key, the value that means "off").
-GEMMA4_NOT_YET = (("enable_moe_block", False),)
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 
 # The official (Flax) embedding rows and HF's for the same tokenizer.
@@ -180,10 +178,6 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
     raise CheckpointError(f"{source}: tie_word_embeddings=false is not supported (Gemma ties the output head)")
 
   if family == "gemma4":
-    for key, off in GEMMA4_NOT_YET:
-      if c.get(key, off) not in (off, None):
-        raise CheckpointError(f"{source}: {key}={c[key]!r} is a Gemma 4 feature this version does not implement "
-                              "yet (the mixture-of-experts model, 26B-A4B)")
     ple_vocab = c.get("vocab_size_per_layer_input", c["vocab_size"])
     if c.get("hidden_size_per_layer_input") and ple_vocab != c["vocab_size"]:
       raise CheckpointError(f"{source}: vocab_size_per_layer_input={ple_vocab} differs from vocab_size="
@@ -255,7 +249,11 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> TransformerConfig:
               norm_plus_one=False, use_layer_scalar=True,
               per_layer_input_dim=int(c.get("hidden_size_per_layer_input") or 0),
               num_kv_shared_layers=int(c.get("num_kv_shared_layers") or 0),
-              double_wide_shared_mlp=bool(c.get("use_double_wide_mlp")))
+              double_wide_shared_mlp=bool(c.get("use_double_wide_mlp")),
+              **({} if not c.get("enable_moe_block") else dict(
+                  num_experts=_number(c, "num_experts", source, integer=True),
+                  experts_per_token=_number(c, "top_k_experts", source, integer=True),
+                  expert_hidden_dim=_number(c, "moe_intermediate_size", source, integer=True))))
     qpas = 1.0
   try:
     config = TransformerConfig(
@@ -373,7 +371,9 @@ def _gemma4_to_hf(c: TransformerConfig, out: dict, layer_types: list[str]) -> di
           "sliding_attention": {"rope_type": "default", "rope_theta": c.local_base_frequency}},
       "hidden_size_per_layer_input": c.per_layer_input_dim, "vocab_size_per_layer_input": out["vocab_size"],
       "num_kv_shared_layers": c.num_kv_shared_layers, "use_double_wide_mlp": c.double_wide_shared_mlp,
-      "enable_moe_block": False, "use_bidirectional_attention": None})
+      "enable_moe_block": bool(c.num_experts), "num_experts": c.num_experts or None,
+      "top_k_experts": c.experts_per_token or None, "moe_intermediate_size": c.expert_hidden_dim or None,
+      "use_bidirectional_attention": None})
   if c.global_k_eq_v:
     out["num_global_key_value_heads"] = c.kv_heads_of(g)
   return out

@@ -73,6 +73,15 @@ def _layer_map(config: TransformerConfig, i: int) -> list[tuple[tuple[str, ...],
     rows.append(((L, "pre_ffw_norm", "scale"), [p + "pre_feedforward_layernorm.weight"], "none"))
   if c.use_post_ffw_norm:
     rows.append(((L, "post_ffw_norm", "scale"), [p + "post_feedforward_layernorm.weight"], "none"))
+  if c.num_experts:
+    rows.append(((L, "moe", "router_w"), [p + "router.proj.weight"], "T"))
+    rows.append(((L, "moe", "router_scale"), [p + "router.scale"], "none"))
+    rows.append(((L, "moe", "per_expert_scale"), [p + "router.per_expert_scale"], "none"))
+    rows.append(((L, "moe", "expert_gating"), [p + "experts.gate_up_proj"], "experts_gate_up"))
+    rows.append(((L, "moe", "expert_linear"), [p + "experts.down_proj"], "experts_down"))
+    rows.append(((L, "post_ffw_norm_1", "scale"), [p + "post_feedforward_layernorm_1.weight"], "none"))
+    rows.append(((L, "pre_ffw_norm_2", "scale"), [p + "pre_feedforward_layernorm_2.weight"], "none"))
+    rows.append(((L, "post_ffw_norm_2", "scale"), [p + "post_feedforward_layernorm_2.weight"], "none"))
   if c.per_layer_input_dim:
     rows.append(((L, "per_layer", "per_layer_input_gate", "w"), [p + "per_layer_input_gate.weight"], "T"))
     rows.append(((L, "per_layer", "per_layer_projection", "w"), [p + "per_layer_projection.weight"], "T"))
@@ -115,6 +124,10 @@ def hf_shapes(config: TransformerConfig, vocab_rows: int | None = None) -> dict[
         out[n] = tuple(reversed(shape))
       elif kind == "stack":  # gate, up: [2, F, D] -> [F, D] each
         out[n] = shape[1:]
+      elif kind == "experts_gate_up":  # [E, 2, I, D] -> [E, 2I, D]
+        out[n] = (shape[0], 2 * shape[2], shape[3])
+      elif kind == "experts_down":  # [E, I, D] -> [E, D, I]
+        out[n] = (shape[0], shape[2], shape[1])
       elif n.endswith("q_proj.weight"):
         out[n] = (N * H, D)
       elif n.endswith(("k_proj.weight", "v_proj.weight")):
@@ -147,6 +160,11 @@ def _to_ours(config: TransformerConfig, kind: str, ts: list[np.ndarray], H: int)
     return np.stack(ts)
   if kind == "T":  # [D, F] -> [F, D]
     return ts[0].T
+  if kind == "experts_gate_up":  # [E, 2I, D] -> [E, 2, I, D]
+    e, two_i, d = ts[0].shape
+    return ts[0].reshape(e, 2, two_i // 2, d)
+  if kind == "experts_down":  # [E, D, I] -> [E, I, D]
+    return ts[0].transpose(0, 2, 1)
   raise AssertionError(kind)
 
 
@@ -165,6 +183,10 @@ def _to_hf(config: TransformerConfig, kind: str, w: np.ndarray) -> list[np.ndarr
     return [w[0], w[1]]
   if kind == "T":
     return [w.T]
+  if kind == "experts_gate_up":
+    return [w.reshape(w.shape[0], -1, w.shape[-1])]
+  if kind == "experts_down":
+    return [w.transpose(0, 2, 1)]
   raise AssertionError(kind)
 
 

@@ -73,6 +73,9 @@ class TransformerConfig:
   per_layer_input_dim: int = 0  # P: Gemma 4 edge models' per-layer inputs (a second table, P per layer); 0 = none
   num_kv_shared_layers: int = 0  # the last layers attend over an earlier same-type layer's keys and values
   double_wide_shared_mlp: bool = False  # KV-shared layers have an MLP of width 2F
+  num_experts: int = 0  # E: Gemma 4 26B-A4B's mixture of experts beside every dense MLP; 0 = none
+  experts_per_token: int = 0  # k: experts each token is routed to
+  expert_hidden_dim: int = 0  # each expert's GeGLU width
   max_seq_len: int = 8192  # context the model was trained for (informational; caches size themselves)
   dtype: str = "float32"  # compute dtype; softmax, norms and the logits are always f32
   param_dtype: str = "float32"
@@ -132,6 +135,12 @@ class TransformerConfig:
       bad("per_layer_input_dim", "must be an integer >= 0")
     if not isinstance(self.num_kv_shared_layers, int) or not 0 <= self.num_kv_shared_layers < self.num_layers:
       bad("num_kv_shared_layers", f"must be in [0, num_layers={self.num_layers})")
+    if self.num_experts:
+      for f in ("experts_per_token", "expert_hidden_dim"):
+        if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+          bad(f, "must be a positive integer with num_experts > 0")
+      if self.experts_per_token > self.num_experts:
+        bad("experts_per_token", f"must be <= num_experts={self.num_experts}")
     for i in range(self.num_layers - self.num_kv_shared_layers, self.num_layers):
       if self.kv_source(i) is None:
         bad("num_kv_shared_layers", f"layer {i} ({self.attention_types[i].value}) has no earlier unshared layer of "
@@ -305,12 +314,13 @@ def preset_names() -> list[str]:
 # (everything but vocab rows, context length, dtypes, remat and the preset name).
 SHAPE_FIELDS = ("family", "num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim",
                 "global_head_dim", "num_global_kv_heads", "global_k_eq_v")
-SHAPE_FIELDS += ("per_layer_input_dim", "num_kv_shared_layers", "double_wide_shared_mlp")
+SHAPE_FIELDS += ("per_layer_input_dim", "num_kv_shared_layers", "double_wide_shared_mlp", "num_experts",
+                 "expert_hidden_dim")
 TREE_FIELDS = SHAPE_FIELDS + ("use_qk_norm", "use_post_attn_norm", "use_post_ffw_norm", "use_layer_scalar")
 ARCH_FIELDS = TREE_FIELDS + (
     "query_pre_attn_scalar", "attention_types", "sliding_window_size", "attn_logits_soft_cap",
     "final_logit_soft_cap", "use_value_norm", "local_base_frequency", "global_base_frequency",
-    "global_scale_factor", "global_rope_fraction", "norm_plus_one", "norm_eps")
+    "global_scale_factor", "global_rope_fraction", "norm_plus_one", "experts_per_token", "norm_eps")
 
 
 def match_preset(config: TransformerConfig | dict[str, Any], fields: tuple[str, ...] = ARCH_FIELDS

@@ -31,6 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("embed", ("fsdp",)),
     ("mlp", ("tensor",)),
     ("heads", ("tensor",)),
+    ("expert", ("tensor",)),  # Gemma 4's experts (their own MLP dim stays whole)
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
     ("norm", ()),

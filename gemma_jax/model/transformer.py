@@ -22,6 +22,7 @@ from gemma_jax.model import kv_cache
 from gemma_jax.model.attention import Attention
 from gemma_jax.model.config import AttentionType, TransformerConfig
 from gemma_jax.model.layers import XLA, Einsum, Embedder, Matmul, RMSNorm, tied_logits
+from gemma_jax.model.moe import MixtureOfExperts
 from gemma_jax.model.sharding import ShardingContext, constrain, param_init
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")
@@ -118,6 +119,9 @@ class Block(nn.Module):
       h = norm("post_attention_norm")(h)
     x = constrain(x + h, RESIDUAL_AXES, self.sharding)
     h = FeedForward(c, self.matmul, c.mlp_dim_of(i), name="mlp")(norm("pre_ffw_norm")(x))
+    if c.num_experts:  # Gemma 4 26B-A4B: experts routed from the residual stream, beside the dense MLP
+      experts = MixtureOfExperts(c, name="moe")(x, norm("pre_ffw_norm_2")(x))
+      h = norm("post_ffw_norm_1")(h) + norm("post_ffw_norm_2")(experts)
     if c.use_post_ffw_norm:
       h = norm("post_ffw_norm")(h)
     x = x + h
