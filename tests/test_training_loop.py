@@ -234,6 +234,29 @@ def test_other_objectives_train(ws, tmp_path, objective):
     assert "rewards/accuracies" in rows[0]
 
 
+def test_merge_alpha_interpolates_the_final_model_toward_the_start(ws, tmp_path):
+  """final/ = start + alpha * (trained - start); best/ and the run checkpoints keep the trained weights; the
+  final model is evaluated on its own (a second eval row at the last step, marked) and its provenance says so;
+  a finished run started again adds nothing."""
+  workdir = str(tmp_path / "run")
+  result = train(run_config(ws, num_steps=2, merge_alpha=0.25, **{"eval.every": 2}), workdir)
+  init, final, best = (checkpoint.load(p) for p in (ws["init"], result.final_dir, os.path.join(workdir, "best")))
+  trained = best.params  # the one evaluation is at the last step: best/ is the trained model
+  for a, b, f in zip(*(jax.tree.leaves(t) for t in (init.params, trained, final.params))):
+    np.testing.assert_allclose(f, a + 0.25 * (b - a), rtol=1e-6, atol=1e-7)
+  assert any(not np.array_equal(f, b) for f, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(trained)))
+  made = final.metadata["provenance"]["trained"]
+  assert made["merge_alpha"] == 0.25 and "merge_alpha" not in best.metadata["provenance"]["trained"]
+  evals = [r for r in read_metrics(workdir) if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [2, 2] and evals[1]["eval_merge_alpha"] == 0.25
+  assert "eval_merge_alpha" not in evals[0] and evals[0]["eval_loss"] != evals[1]["eval_loss"]
+  assert made["eval_stop_rate"] == evals[1]["eval_stop_rate"]
+  train(run_config(ws, num_steps=2, merge_alpha=0.25, **{"eval.every": 2}), workdir)
+  assert len([r for r in read_metrics(workdir) if "eval_loss" in r]) == 2
+  with pytest.raises(ConfigError, match="merge_alpha"):
+    train(run_config(ws, merge_alpha=0.0), str(tmp_path / "zero"))
+
+
 def test_frozen_parameters_stay_as_they_were_and_a_resume_must_freeze_the_same(ws, tmp_path):
   workdir = str(tmp_path / "run")
   over = {"num_steps": 2, "data.eval": "", "optim.freeze": "embedder"}

@@ -27,6 +27,7 @@ from gemma_jax.training.start import Start, save_model
 EVAL_PREFIX = "eval_"  # TRL's names: eval_loss, eval_rewards/accuracies, ...
 SAMPLES_KEY = "eval_greedy_samples"  # the greedy samples (text) of an evaluation row
 STOP_RATE_KEY = "eval_stop_rate"  # fraction of greedy samples that ended with a stop token
+MERGE_KEY = "eval_merge_alpha"  # on the row that evaluates the final model merged toward the start (merge_alpha)
 SUMMARY_KEYS = ("rewards/accuracies", "rewards/margins", "nll_loss")  # on the console line, when present
 
 
@@ -51,9 +52,10 @@ class Evaluator:
     n = -(-len(self.data.eval_data.examples) // self.data.micro_batch)
     return min(n, self.config.eval.max_batches) if self.config.eval.max_batches else n
 
-  def __call__(self, state, aux, step: int, save_best: bool = True) -> dict[str, float]:
-    """Evaluates `state.params` at `step`, logs the metrics (and samples), writes best/ when the loss improves
-    (and `save_best`).
+  def __call__(self, state, aux, step: int, save_best: bool = True,
+               extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """Evaluates `state.params` at `step`, logs the metrics (and samples, and `extra`), writes best/ when the
+    loss improves (and `save_best`).
 
     Every held-out example is scored once (the last batch is padded with empty rows, which count for
     nothing); a metric is the mean over examples. Returns the eval_* metrics (no samples); {} without a
@@ -91,6 +93,7 @@ class Evaluator:
         metrics[SAMPLES_KEY] = samples
         text = {SAMPLES_KEY: "\n\n".join(f"**{s['prompt']}**\n\n{s['completion']}" for s in samples)}
     metrics[EVAL_PREFIX + "runtime"] = time.perf_counter() - t0
+    metrics.update(extra or {})
     self.writer.write(step, metrics, text)
     scalars = {k: v for k, v in metrics.items() if k != SAMPLES_KEY}
     if self.echo is not None and primary:

@@ -43,12 +43,12 @@ from gemma_jax.model.transformer import Transformer
 from gemma_jax.progress import progress_bar
 from gemma_jax.training import checkpointing, objectives, optim, run_data, state as state_lib, step as step_lib
 from gemma_jax.training.batches import global_batch, stack_microbatches
-from gemma_jax.training.evaluation import EVAL_PREFIX, SAMPLES_KEY, STOP_RATE_KEY, Evaluator
+from gemma_jax.training.evaluation import EVAL_PREFIX, MERGE_KEY, SAMPLES_KEY, STOP_RATE_KEY, Evaluator
 from gemma_jax.training.metrics import MetricsWriter
 from gemma_jax.training.run_config import validate_run_config
 from gemma_jax.training.signals import SignalCatcher
 from gemma_jax.training.start import (check_tokenizer_fits, initial_params, resolve_start, save_model,
-                                      training_model_config)
+                                      toward_start, training_model_config)
 from gemma_jax.training.workdir import Workdir
 
 
@@ -291,8 +291,20 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
                             f"final/ model was written (run checkpoints: {run_ckpt.directory}). Lower optim.lr, "
                             "check the data and tokenizer, or raise max_skipped_fraction")
     final_dir = os.path.join(workdir, "final")
+    params = state.params
+    if config.merge_alpha != 1.0:
+      params = toward_start(params, start, model_config, ctx, config.seed, config.merge_alpha)
+      # The final model's own metrics: a second eval row at this step, marked with the merge (once: a finished
+      # run started again reads it back).
+      row = writer.eval_rows.get(step, {})
+      if data.has_eval and row.get(MERGE_KEY) == config.merge_alpha:
+        last_eval = {k: v for k, v in row.items() if k.startswith(EVAL_PREFIX) and k != SAMPLES_KEY}
+        evaluate.stop_rate = row.get(STOP_RATE_KEY)
+      elif data.has_eval:
+        last_eval = evaluate(state.replace(params=params), aux, step, save_best=False,
+                             extra={MERGE_KEY: config.merge_alpha})
     with signals.deferred():
-      save_model(final_dir, state.params, start, model_config, config, step=step,
+      save_model(final_dir, params, start, model_config, config, step=step,
                  metrics=last_eval or last_metrics, skipped_steps=skipped, examples=evaluate.examples(),
                  stop_rate=evaluate.stop_rate)
   if skipped:

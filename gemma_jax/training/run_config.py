@@ -112,6 +112,10 @@ def default_config() -> ml_collections.ConfigDict:
   # A run in which more than this fraction of the steps was skipped (non-finite) ends with an error and no
   # final/ model; the run checkpoints stay.
   c.max_skipped_fraction = 0.5
+  # final/ = start + merge_alpha * (trained - start): the trained weights interpolated toward the starting
+  # model's (weight-space ensembling, as WiSE-FT), which keeps more of what the start knew. 1.0 = the trained
+  # weights as they are. The run checkpoints and best/ always hold the trained weights.
+  c.merge_alpha = 1.0
   return c
 
 
@@ -252,6 +256,7 @@ def validate_run_config(c: ml_collections.ConfigDict) -> None:
   integer("log_every", 1)
   integer("max_nonfinite", 1)
   number("max_skipped_fraction", 0.0, 1.0)
+  number("merge_alpha", 0.0, 1.0, lo_open=True)
 
 
 def _get(c, field: str):

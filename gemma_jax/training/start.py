@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from gemma_jax import checkpoint as ckpt_lib
@@ -111,6 +112,15 @@ def initial_params(start: Start, model_config: TransformerConfig, ctx: ShardingC
   return ck.params
 
 
+def toward_start(params, start: Start, model_config: TransformerConfig, ctx: ShardingContext, seed: int,
+                 alpha: float):
+  """`start + alpha * (params - start)` leaf by leaf, in the params' dtype and shardings (the starting
+  parameters are read again: training may have donated their buffers)."""
+  initial = initial_params(start, model_config, ctx, seed)
+  mix = lambda s, t: (s.astype(jnp.float32) + alpha * (t.astype(jnp.float32) - s.astype(jnp.float32))).astype(t.dtype)
+  return jax.jit(lambda s, t: jax.tree.map(mix, s, t), donate_argnums=(0,))(initial, params)
+
+
 def save_model(path: str, params, start: Start, model_config: TransformerConfig, config, *, step: int,
                metrics: dict[str, Any], skipped_steps: int = 0, examples: dict[str, int] | None = None,
                stop_rate: float | None = None) -> None:
@@ -125,6 +135,8 @@ def save_model(path: str, params, start: Start, model_config: TransformerConfig,
   trained = {"from": config.init_from, "objective": config.objective, "steps": int(step),
              "skipped_steps": int(skipped_steps), "template": start.template.name,
              "chat_fine_tuned": bool(start.template.is_chat), **(examples or {})}
+  if float(config.get("merge_alpha", 1.0)) != 1.0 and os.path.basename(path) == "final":
+    trained["merge_alpha"] = float(config.merge_alpha)  # final/ is merged toward the start (best/ is not)
   if stop_rate is not None:
     trained.update(eval_stop_rate=float(stop_rate), eval_sample_tokens=int(config.eval.sample_tokens))
   extra = {"train_metrics": {k: jsonable(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
