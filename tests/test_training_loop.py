@@ -234,6 +234,7 @@ def test_other_objectives_train(ws, tmp_path, objective):
     assert "rewards/accuracies" in rows[0]
 
 
+@pytest.mark.slow  # a whole run end to end: `bash scripts/test.sh --slow`
 def test_merge_alpha_interpolates_the_final_model_toward_the_start(ws, tmp_path):
   """final/ = start + alpha * (trained - start); best/ and the run checkpoints keep the trained weights; the
   final model is evaluated on its own (a second eval row at the last step, marked) and its provenance says so;
@@ -257,6 +258,7 @@ def test_merge_alpha_interpolates_the_final_model_toward_the_start(ws, tmp_path)
     train(run_config(ws, merge_alpha=0.0), str(tmp_path / "zero"))
 
 
+@pytest.mark.slow  # a whole run end to end: `bash scripts/test.sh --slow`
 def test_frozen_parameters_stay_as_they_were_and_a_resume_must_freeze_the_same(ws, tmp_path):
   workdir = str(tmp_path / "run")
   over = {"num_steps": 2, "data.eval": "", "optim.freeze": "embedder"}
