@@ -18,7 +18,7 @@ from absl import app, flags, logging
 
 from sample import common_flags
 
-_TEMPLATE = flags.DEFINE_string("template", "auto", "auto (the checkpoint's) | a template name (gemma, gemma3).")
+_TEMPLATE = flags.DEFINE_string("template", "auto", "auto (the checkpoint's) | a template name (gemma, gemma3, gemma4).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens per reply.")
 flags.adopt_module_key_flags(common_flags)
 

@@ -9,7 +9,7 @@ The continuation alone goes to stdout (one per prompt, or one JSON object per li
 (orbax, jax) go to ~/.cache/gemma_jax/logs/sample.log ($GEMMA_JAX_CACHE/logs); `--verbosity=1` shows them
 on stderr too. `--template=auto` uses the checkpoint's saved chat template for
 an instruction-tuned checkpoint and plain completion for a pretrained (PT) one; `none` is plain completion
-(BOS + text); a name (gemma, gemma3) forces that template. `--temperature=0` is greedy.
+(BOS + text); a name (gemma, gemma3, gemma4) forces that template. `--temperature=0` is greedy.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one 
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Most tokens to generate per prompt.")
 _STOP_TOKENS = flags.DEFINE_list("stop_tokens", [], "Extra stop tokens, as ids or pieces (eos and "
                                  "<end_of_turn> always stop).")
-_TEMPLATE = flags.DEFINE_string("template", "auto", "auto | none | a template name (gemma, gemma3).")
+_TEMPLATE = flags.DEFINE_string("template", "auto", "auto | none | a template name (gemma, gemma3, gemma4).")
 _FORMAT = flags.DEFINE_enum("output_format", "text", ["text", "jsonl"], "stdout format.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts sampled together.")
 _STREAM = flags.DEFINE_boolean("stream", False, "Print text as it is generated (text format, one prompt).")

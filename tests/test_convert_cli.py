@@ -347,8 +347,8 @@ def test_flags_and_destination_are_checked_before_reading(sources, tmp_path, mon
   monkeypatch.setattr(detect, "detect_format", never)
   monkeypatch.setattr(run, "_read", never)
   (tmp_path / "afile").write_text("x")
-  cases = [(dict(dst=str(tmp_path / "out"), template="gemma4"),
-            "--template=gemma4: not a chat template; use auto, none or one of gemma, gemma3, completion"),
+  cases = [(dict(dst=str(tmp_path / "out"), template="gemma5"),
+            "--template=gemma5: not a chat template; use auto, none or one of gemma, gemma3, gemma4, completion"),
            (dict(dst=str(tmp_path / "afile" / "out")),
             f"--dst={tmp_path}/afile/out: {tmp_path}/afile is not a directory; choose another --dst")]
   ro = tmp_path / "ro"

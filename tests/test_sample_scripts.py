@@ -188,13 +188,13 @@ def test_bad_flags_are_refused_at_start(tiny_ckpt):
       ([it, "--top_p=nan"], "error: --top_p=nan: must be in (0, 1] (1 = off)"),
       ([it, "--repetition_penalty=-inf"], "error: --repetition_penalty=-inf: must be a finite number > 0 (1 = off)"),
       ([nowhere, "--template=gemm"],
-       "error: --template=gemm: not a chat template; use auto or one of none, gemma, gemma3, completion"),
+       "error: --template=gemm: not a chat template; use auto or one of none, gemma, gemma3, gemma4, completion"),
       ([it, "--template=none", "--system=be brief"],
        "error: --system: plain completion has no system message; use a chat template that has one (gemma3)"),
       ([it, "--template=gemma", "--system=be brief"], "error: --system: the 'gemma' template has no system role"),
   ]
   chat_cases = [
-      ([nowhere, "--template=gemm"], "error: --template=gemm: not a chat template; use auto or one of gemma, gemma3"),
+      ([nowhere, "--template=gemm"], "error: --template=gemm: not a chat template; use auto or one of gemma, gemma3, gemma4"),
       ([nowhere, "--template=none"], "error: --template=none: chat needs a chat template with turns"),
       ([nowhere, "--min_p=nan"], "error: --min_p=nan: must be in [0, 1) (0 = off)"),
       ([it, "--template=gemma", "--system=be brief"], "error: --system: the 'gemma' template has no system role"),
