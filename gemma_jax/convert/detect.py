@@ -67,7 +67,7 @@ def _check_hf_architecture(path: str, cfg: dict) -> None:
   what = ", ".join(archs) if archs else "no architectures entry"
   raise CheckpointError(
       f"{path}/config.json: unsupported architecture ({what}; model_type {model_type!r}); gemma_jax converts "
-      f"Gemma 1/2/3 text models (model_type one of {', '.join(HF_MODEL_TYPES)})")
+      f"Gemma 1-4 text models (model_type one of {', '.join(HF_MODEL_TYPES)})")
 
 
 def detect_format(path: str | os.PathLike) -> Format:
