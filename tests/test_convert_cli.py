@@ -370,8 +370,8 @@ def test_cli_checks_before_reading(sources, tmp_path):
   (tmp_path / "afile").write_text("x")
   procs = [subprocess.Popen(_cli_args(f"--src={sources['hf']}", *args), cwd=ROOT, env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for args in ([f"--dst={tmp_path}/out", "--template=gemma4"], [f"--dst={tmp_path}/afile/out"])]
-  for p, message in zip(procs, ["error: --template=gemma4: not a chat template",
+           for args in ([f"--dst={tmp_path}/out", "--template=gemma5"], [f"--dst={tmp_path}/afile/out"])]
+  for p, message in zip(procs, ["error: --template=gemma5: not a chat template",
                                 f"error: --dst={tmp_path}/afile/out: {tmp_path}/afile is not a directory"]):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 1 and err.startswith(message) and len(err.splitlines()) == 1, err
