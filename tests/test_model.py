@@ -61,7 +61,7 @@ def test_invalid_configs_name_the_field(overrides, field):
 
 def test_unknown_family():
   with pytest.raises(ConfigError, match="family"):
-    TransformerConfig(**{**tiny_config("gemma2").to_dict(), "family": "gemma4", "attention_types": ()})
+    TransformerConfig(**{**tiny_config("gemma2").to_dict(), "family": "gemma5", "attention_types": ()})
 
 
 def test_unknown_preset_lists_known():
