@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv and runs the tests; extra pytest arguments pass through.
-#   bash scripts/test.sh          the unit tests: everything but the `slow` tests (11-13 min on 2 cores)
+#   bash scripts/test.sh          the unit tests: everything but the `slow` tests (11-14 min on 2 cores)
 #   bash scripts/test.sh --slow   the end-to-end tests: the real Gemma 3 270M, the main job (train.demo) shortened,
 #                                 the scripts run as processes (12-16 min on 2 cores)
 #   bash scripts/test.sh --all    both (CI runs the two tiers one after the other: .ci/run)
