@@ -343,7 +343,7 @@ def test_resuming_another_models_run_is_refused_and_keeps_it(ws, tmp_path, tiny_
   path = str(tmp_path / "other")
   checkpoint.save(path, config=other, params=jax.device_get(init_params(other, jax.random.key(1))),
                   tokenizer=tiny_tokenizer, kind="pt")
-  with pytest.raises(ConfigError, match=r"holds a run of another model .*num_layers: 2 saved, 3 now.* another "
+  with pytest.raises(ConfigError, match=r"holds a run of another model.*num_layers: 2 saved, 3 now.* another "
                                         r"--workdir"):
     train(run_config(ws, num_steps=4, init_from=path, **{"data.eval": ""}), workdir)
   assert open(os.path.join(workdir, "config.json")).read() == config_before  # not overwritten
