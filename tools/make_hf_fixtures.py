@@ -296,6 +296,12 @@ def make_tiny(out_dir: str, specs: dict, first_seed: int = 0, replace_all: bool 
     print(f"[tiny] {name}: logits {logits.shape} std {logits.std():.2f}", flush=True)
     if name in BF16_COPIES:  # a bf16 checkpoint written by transformers, for the bf16 round-trip test
       model.to(torch.bfloat16).save_pretrained(os.path.join(tmp, name + "_bf16"), safe_serialization=True)
+  install(tmp, out_dir, replace_all)
+
+
+def install(tmp: str, out_dir: str, replace_all: bool) -> None:
+  """Moves the fixtures built in `tmp` into `out_dir`: all of it (replace_all), else only the directories
+  built (the others in `out_dir` stay as they are)."""
   if replace_all:
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

@@ -161,14 +161,8 @@ def main(only: list[str]) -> None:
     shapes = {k: v.shape for k, v in batch.items()}
     print(f"[trl] {name}: loss {loss:.6f} batch {shapes}", flush=True)
     print("      " + ", ".join(f"{k}={v:.5f}" for k, v in metrics.items()), flush=True)
-  if not only:
-    shutil.rmtree(OUT, ignore_errors=True)
-    os.replace(tmp, OUT)
-    return
-  for name in os.listdir(tmp):
-    shutil.rmtree(os.path.join(OUT, name), ignore_errors=True)
-    os.replace(os.path.join(tmp, name), os.path.join(OUT, name))
-  os.rmdir(tmp)
+  from make_hf_fixtures import install  # tools/ is this script's directory: on sys.path
+  install(tmp, OUT, replace_all=not only)
 
 
 if __name__ == "__main__":

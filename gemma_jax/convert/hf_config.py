@@ -92,7 +92,7 @@ def _gemma4_global_dims(c: Mapping[str, Any], types: list[AttentionType], source
   per_layer = c.get("per_layer_config")
   if isinstance(per_layer, Mapping) and per_layer:
     globals_ = [per_layer.get(str(i), per_layer.get(i)) for i, t in enumerate(types) if t == AttentionType.GLOBAL]
-    if any(not isinstance(g, Mapping) for g in globals_) or len({json_key(g) for g in globals_}) != 1:
+    if any(not isinstance(g, Mapping) for g in globals_) or len({_settings_key(g) for g in globals_}) != 1:
       raise CheckpointError(f"{source}: per_layer_config must give every full_attention layer the same settings")
     g = globals_[0]
     kv = g.get("num_key_value_heads")
@@ -101,7 +101,7 @@ def _gemma4_global_dims(c: Mapping[str, Any], types: list[AttentionType], source
   return _number(c, "global_head_dim", source, 512, integer=True), (None if kv is None else int(kv))
 
 
-def json_key(d: Mapping[str, Any]) -> str:
+def _settings_key(d: Mapping[str, Any]) -> str:
   return repr(sorted(d.items()))
 
 

@@ -313,9 +313,8 @@ def preset_names() -> list[str]:
 # What fixes the tensor shapes; with the norms, what fixes the parameter tree; with the rest, the function computed
 # (everything but vocab rows, context length, dtypes, remat and the preset name).
 SHAPE_FIELDS = ("family", "num_layers", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim",
-                "global_head_dim", "num_global_kv_heads", "global_k_eq_v")
-SHAPE_FIELDS += ("per_layer_input_dim", "num_kv_shared_layers", "double_wide_shared_mlp", "num_experts",
-                 "expert_hidden_dim")
+                "global_head_dim", "num_global_kv_heads", "global_k_eq_v", "per_layer_input_dim",
+                "num_kv_shared_layers", "double_wide_shared_mlp", "num_experts", "expert_hidden_dim")
 TREE_FIELDS = SHAPE_FIELDS + ("use_qk_norm", "use_post_attn_norm", "use_post_ffw_norm", "use_layer_scalar")
 ARCH_FIELDS = TREE_FIELDS + (
     "query_pre_attn_scalar", "attention_types", "sliding_window_size", "attn_logits_soft_cap",
