@@ -11,6 +11,10 @@ A checkpoint is a directory:
     <path>/tokenizer.model   the SentencePiece model, when there is one
     <path>/COMPLETE          written last: a directory without it is never loaded
 
+An *adapter checkpoint* (LoRA, `config.lora_rank > 0`) holds the adapter tensors only, and its metadata's
+`base` names the base checkpoint (path, and `base_hash`: a hash of the base's tensor checksums); `load` reads
+the base too, refuses one whose hash differs (saying which base it expects), and returns the two as one tree.
+
 `save` writes everything into `<path>.tmp-<random>` and renames it into place, so a crash mid-write leaves
 no directory that looks valid; a failed save (disk full) is one CheckpointError line and removes its partial
 copy. `load` verifies every tensor against its saved checksum (checkpoints from before checksums load
@@ -39,6 +43,7 @@ from gemma_jax.checkpoint_format import (COMPLETE_FILE, FORMAT, FORMAT_VERSION, 
                                          damaged, looks_native, ours_but_damaged, parse_metadata, version)
 from gemma_jax.convert.detect import convert_command, detect_format, format_name
 from gemma_jax.errors import CheckpointError, UserError
+from gemma_jax.model import lora
 from gemma_jax.model.config import DTYPES, TransformerConfig
 from gemma_jax.model.params import compare_to_config, flatten, param_shapes, param_shardings
 from gemma_jax.model.sharding import ShardingContext
@@ -107,11 +112,15 @@ def _dtype_name(x) -> str:
   return jnp.dtype(x.dtype).name
 
 
-def check_params(config: TransformerConfig, params: Params, where: str = "params") -> None:
-  """Raises CheckpointError naming the first missing, extra or misshapen tensor against `config`."""
+def check_params(config: TransformerConfig, params: Params, where: str = "params", adapters_only: bool = False
+                 ) -> None:
+  """Raises CheckpointError naming the first missing, extra or misshapen tensor against `config` (against its
+  adapters alone with `adapters_only`)."""
   if not isinstance(params, dict):
     raise CheckpointError(f"{where}: expected a nested dict of arrays, got {type(params).__name__}")
   missing, extra, wrong = compare_to_config(config, flatten(params))
+  if adapters_only:
+    missing = [k for k in missing if lora.is_adapter_name(k.rsplit("/", 1)[-1])]
   if missing:
     raise CheckpointError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing in all) for a "
                           f"{config.family} model with {config.num_layers} layers")
@@ -133,6 +142,21 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def base_hash(metadata: dict[str, Any]) -> str:
+  """A checkpoint's content hash, from its metadata alone: sha256 of every tensor's name, shape and checksum."""
+  import hashlib
+  tensors = metadata.get("tensors") or {}
+  text = json.dumps({k: [v.get("shape"), v.get("checksum")] for k, v in sorted(tensors.items())
+                     if not lora.is_adapter_name(k.rsplit("/", 1)[-1])})
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def base_reference(path: str | os.PathLike) -> dict[str, str]:
+  """What an adapter checkpoint records of its base checkpoint at `path`: {"path", "hash"}."""
+  path = os.path.abspath(os.fspath(path))
+  return {"path": path, "hash": base_hash(read_metadata(path))}
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
   """True for a complete gemma_jax checkpoint directory."""
   path = os.fspath(path)
@@ -147,8 +171,10 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
          tokenizer: Tokenizer | None = None, template: dict[str, Any] | None = None,
          kind: Kind | None = None, provenance: dict[str, Any] | None = None,
-         extra: dict[str, Any] | None = None, overwrite: bool = True) -> None:
+         extra: dict[str, Any] | None = None, overwrite: bool = True, base: dict[str, str] | None = None) -> None:
   """Writes a checkpoint atomically (temporary directory, then rename), with a checksum of every tensor.
+
+  base: `base_reference(base path)` for an adapter checkpoint: `params` are then the adapters alone.
 
   params: our nested tree; numpy arrays or jax arrays (sharded ones are written shard by shard by each
   process, and checksummed where they live). template: `ChatTemplate.to_dict()` or None. kind: "pt", "it" or
@@ -173,7 +199,7 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
                             "(choose another path or delete it)")
     if not overwrite:
       raise CheckpointError(f"{path} exists; delete it or choose another path")
-  check_params(config, params, where=f"saving {path}")
+  check_params(config, params, where=f"saving {path}", adapters_only=base is not None)
 
   flat = flatten(params)
   sums = {}
@@ -201,6 +227,8 @@ def save(path: str | os.PathLike, *, config: TransformerConfig, params: Params,
                      **(provenance or {})},
       "extra": extra or {},
   }
+  if base is not None:
+    metadata["base"] = dict(base)
   try:
     meta_bytes = json.dumps(metadata, indent=2, allow_nan=False).encode()
   except (TypeError, ValueError) as e:
@@ -324,8 +352,11 @@ def _as_context(sharding) -> ShardingContext | None:
 
 
 def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Mesh | None = None,
-         mesh: jax.sharding.Mesh | None = None, dtype: str | None = None, verify: bool = True) -> Checkpoint:
+         mesh: jax.sharding.Mesh | None = None, dtype: str | None = None, verify: bool = True,
+         base: str | None = None) -> Checkpoint:
   """Reads a checkpoint written by `save`.
+
+  base: for an adapter checkpoint, the base checkpoint's path when it is not where the metadata says.
 
   sharding: a ShardingContext (or a Mesh; `mesh=` says the same): each device restores only its shard of
   every parameter, placed by `param_shardings(config, ctx)`; None: the parameters land on the first local
@@ -346,6 +377,9 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
     config = config.replace(param_dtype=dtype)
 
   shapes = param_shapes(config)
+  base_ref = metadata.get("base")
+  if base_ref is not None:
+    shapes = lora.split(shapes)[1]
   saved = metadata["tensors"]
   for name, s in flatten(shapes).items():  # a clear line before orbax says anything cryptic
     if name not in saved:
@@ -361,6 +395,8 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
   ctx = _as_context(sharding)
   if ctx is not None:
     shardings = param_shardings(config, ctx)
+    if base_ref is not None:
+      shardings = lora.split(shardings)[1]
   else:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: one, shapes)
@@ -406,8 +442,25 @@ def load(path: str | os.PathLike, *, sharding: ShardingContext | jax.sharding.Me
     if not os.path.isfile(tok_path):
       raise CheckpointError(f"{path}: {metadata['tokenizer']} is listed in the metadata but missing")
     tokenizer = Tokenizer(tok_path)
+  if base_ref is not None:
+    params = lora.attach(_load_base(path, base_ref, base, ctx, dtype, verify), params)
   return Checkpoint(config=config, params=params, tokenizer=tokenizer, template=metadata.get("template"),
                     kind=metadata.get("kind"), metadata=metadata, path=path)
+
+
+def _load_base(path: str, ref: Any, override: str | None, ctx, dtype: str | None, verify: bool) -> Params:
+  """The base parameters of the adapter checkpoint at `path`, after checking they are the ones it was trained on."""
+  if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not isinstance(ref.get("hash"), str):
+    raise damaged(os.path.join(path, METADATA_FILE), "'base' must be {\"path\": ..., \"hash\": ...}")
+  where = override or ref["path"]
+  if not os.path.isdir(where):
+    raise CheckpointError(f"{path} holds adapters for the base checkpoint {ref['path']}, which is not there; "
+                          "pass its new location (--base=PATH)")
+  found = base_hash(read_metadata(where))
+  if found != ref["hash"]:
+    raise CheckpointError(f"{path} holds adapters trained on another base: {where} has content hash {found[:12]}, "
+                          f"the adapters expect {ref['hash'][:12]} ({ref['path']}); pass that base (--base=PATH)")
+  return load(where, sharding=ctx, dtype=dtype, verify=verify).params
 
 
 def _cast(tree: Params, dtype, shardings: Params) -> Params:

@@ -55,22 +55,27 @@ class Attention(nn.Module):
   sharding: ShardingContext | None = None
   matmul: Matmul = XLA  # passed to the projections (see `Matmul`)
   kv_shared: bool = False  # attends over another layer's keys and values (no k/v projections, no cache)
+  layer: int = 0  # the layer's index (which projections carry adapters: `config.lora_kwargs`)
 
   def setup(self):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), matmul=self.matmul)
     n, k, h = c.num_heads, self.num_kv_heads, self.head_dim
+    lo = lambda weight: c.lora_kwargs(self.layer, weight)  # its adapters, when the config asks for them
     if self.kv_shared:
-      self.q_einsum = Einsum((n, c.embed_dim, h), ("heads", "embed", "head_dim"), **kw)
+      self.q_einsum = Einsum((n, c.embed_dim, h), ("heads", "embed", "head_dim"), **kw, **lo("q_einsum"))
     elif c.k_eq_v(self.attn_type):  # one projection: keys, and values before their norm
-      self.q_einsum = Einsum((n, c.embed_dim, h), ("heads", "embed", "head_dim"), **kw)
-      self.k_einsum = Einsum((k, c.embed_dim, h), ("kv_heads", "embed", "head_dim"), **kw)
+      self.q_einsum = Einsum((n, c.embed_dim, h), ("heads", "embed", "head_dim"), **kw, **lo("q_einsum"))
+      self.k_einsum = Einsum((k, c.embed_dim, h), ("kv_heads", "embed", "head_dim"), **kw, **lo("k_einsum"))
     elif n == k:  # MHA: one fused projection, as in the official checkpoints
-      self.qkv_einsum = Einsum((3, n, c.embed_dim, h), (None, "heads", "embed", "head_dim"), **kw)
+      self.qkv_einsum = Einsum((3, n, c.embed_dim, h), (None, "heads", "embed", "head_dim"), **kw,
+                               **lo("qkv_einsum"))
     else:
-      self.q_einsum = Einsum((n, c.embed_dim, h), ("heads", "embed", "head_dim"), **kw)
-      self.kv_einsum = Einsum((2, k, c.embed_dim, h), (None, "kv_heads", "embed", "head_dim"), **kw)
-    self.attn_vec_einsum = Einsum((n, h, c.embed_dim), ("heads", "head_dim", "embed"), **kw)
+      self.q_einsum = Einsum((n, c.embed_dim, h), ("heads", "embed", "head_dim"), **kw, **lo("q_einsum"))
+      self.kv_einsum = Einsum((2, k, c.embed_dim, h), (None, "kv_heads", "embed", "head_dim"), **kw,
+                              **lo("kv_einsum"))
+    self.attn_vec_einsum = Einsum((n, h, c.embed_dim), ("heads", "head_dim", "embed"), **kw,
+                                  **lo("attn_vec_einsum"))
     if c.use_qk_norm:
       self._query_norm = RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one)
       if not self.kv_shared:

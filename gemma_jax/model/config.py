@@ -13,6 +13,7 @@ import json
 from typing import Any, Literal
 
 from gemma_jax.errors import ConfigError
+from gemma_jax.model import lora
 
 Family = Literal["gemma1", "gemma2", "gemma3", "gemma4"]
 FAMILIES = ("gemma1", "gemma2", "gemma3", "gemma4")
@@ -76,6 +77,12 @@ class TransformerConfig:
   num_experts: int = 0  # E: Gemma 4 26B-A4B's mixture of experts beside every dense MLP; 0 = none
   experts_per_token: int = 0  # k: experts each token is routed to
   expert_hidden_dim: int = 0  # each expert's GeGLU width
+  # Low-rank adapters (model/lora.py, as HF peft's LoRA) on the projections `lora_targets` names: q, k, v, o,
+  # gate, up, down (peft's q_proj, ... and all-linear too) or "layer_<i>/<name>" regexes; 0 = no adapters.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0  # adapter outputs times alpha / r (alpha / sqrt(r) with lora_rslora)
+  lora_rslora: bool = False
+  lora_targets: str = "all-linear"
   max_seq_len: int = 8192  # context the model was trained for (informational; caches size themselves)
   dtype: str = "float32"  # compute dtype; softmax, norms and the logits are always f32
   param_dtype: str = "float32"
@@ -145,6 +152,12 @@ class TransformerConfig:
       if self.kv_source(i) is None:
         bad("num_kv_shared_layers", f"layer {i} ({self.attention_types[i].value}) has no earlier unshared layer of "
             "its type to take keys and values from")
+    if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+      bad("lora_rank", "must be an integer >= 0 (0 = no adapters)")
+    if self.lora_rank:
+      if self.lora_alpha <= 0:
+        bad("lora_alpha", "must be > 0")
+      lora.check_targets(self.lora_targets, self.num_layers)
     if self.dtype not in DTYPES:
       bad("dtype", f"use one of {', '.join(DTYPES)}")
     if self.param_dtype not in DTYPES:
@@ -183,6 +196,18 @@ class TransformerConfig:
   def k_eq_v(self, attn_type: AttentionType) -> bool:
     """Whether the layer's keys and values come from one projection."""
     return self.global_k_eq_v and attn_type == AttentionType.GLOBAL
+
+  def lora_kwargs(self, layer: int, weight: str) -> dict[str, Any]:
+    """`Einsum` arguments giving layer `layer`'s weight `weight` ('q_einsum', 'linear', ...) its adapters: {}
+    when the weight carries none (no adapters, or none of its projections targeted)."""
+    if not self.lora_rank or weight not in lora.SLOTS:
+      return {}
+    patterns = lora.parse_targets(self.lora_targets)
+    slots = tuple(i for i, p in enumerate(lora.SLOTS[weight]) if lora.targeted(patterns, layer, p))
+    if not slots:
+      return {}
+    return dict(lora_slots=slots, lora_rank=self.lora_rank,
+                lora_factor=lora.scale(self.lora_alpha, self.lora_rank, self.lora_rslora))
 
   @property
   def query_scale(self) -> float:

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma_jax.model import lora
 from gemma_jax.model.sharding import param_init
 
 
@@ -34,7 +35,12 @@ XLA = Matmul()
 
 
 class Einsum(nn.Module):
-  """A weight `weight_name` of `shape` contracted with the input by `eqn`, e.g. 'BTD,NDH->BTNH'."""
+  """A weight `weight_name` of `shape` contracted with the input by `eqn`, e.g. 'BTD,NDH->BTNH'.
+
+  With `lora_slots` (indices of the weight's stacked projections, see `lora.SLOTS`), each of those slots also
+  has a low-rank adapter (`lora_<slot>_a`, `lora_<slot>_b`, rank `lora_rank`, sharded as the weight's axes say),
+  added as `lora_factor * (x a) b` (see `model/lora.py`).
+  """
 
   shape: tuple[int, ...]
   axes: tuple[str | None, ...]
@@ -43,12 +49,28 @@ class Einsum(nn.Module):
   init_scale: float = 1.0
   matmul: Matmul = XLA
   weight_name: str = "w"
+  lora_slots: tuple[int, ...] = ()
+  lora_rank: int = 0
+  lora_factor: float = 1.0
 
   @nn.compact
   def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
     w = self.param(self.weight_name, param_init(fan_in_init(self.shape, eqn, self.init_scale), self.axes),
                    self.shape, self.param_dtype)
-    return self.matmul.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = self.matmul.einsum(eqn, x, w.astype(self.dtype))
+    if not self.lora_slots:
+      return y
+    names = lora.SLOTS[self.weight_name if self.weight_name != "w" else self.name]
+    a_shape, b_shape = lora.adapter_shapes(eqn, self.shape, self.lora_rank)
+    a_axes, b_axes = lora.adapter_axes(eqn, self.axes)
+    adapters = {}
+    for i in self.lora_slots:
+      a = self.param(lora.leaf_name(names[i], "a"), param_init(lora.init_a, a_axes), a_shape, self.param_dtype)
+      b = self.param(lora.leaf_name(names[i], "b"), param_init(nn.initializers.zeros_init(), b_axes), b_shape,
+                     self.param_dtype)
+      adapters[i] = (a, b)
+    return lora.apply(eqn, y, x, adapters, self.lora_factor)
 
 
 def fan_in_init(shape: Sequence[int], eqn: str | None, scale: float):

@@ -41,6 +41,7 @@ class FeedForward(nn.Module):
   config: TransformerConfig
   matmul: Matmul = XLA
   hidden_dim: int | None = None  # F (None: config.hidden_dim; Gemma 4's double-wide layers: 2F)
+  layer: int = 0  # the layer's index (which projections carry adapters: `config.lora_kwargs`)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,11 +49,12 @@ class FeedForward(nn.Module):
     f = self.hidden_dim or c.hidden_dim
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), matmul=self.matmul)
     gating = Einsum((2, f, c.embed_dim), (None, "mlp", "embed"), weight_name="gating_einsum",
-                    name="gate_up", **kw)
+                    name="gate_up", **kw, **c.lora_kwargs(self.layer, "gating_einsum"))
     nn.share_scope(self, gating)
     gate_up = gating(GATING_EQN, x)
     hidden = jax.nn.gelu(gate_up[0], approximate=True) * gate_up[1]
-    linear = Einsum((f, c.embed_dim), ("mlp", "embed"), weight_name="linear", name="down", **kw)
+    linear = Einsum((f, c.embed_dim), ("mlp", "embed"), weight_name="linear", name="down", **kw,
+                    **c.lora_kwargs(self.layer, "linear"))
     nn.share_scope(self, linear)
     return linear(LINEAR_EQN, hidden)
 
@@ -113,12 +115,12 @@ class Block(nn.Module):
     c, i = self.config, self.index
     norm = lambda name: RMSNorm(c.norm_eps, jnp.dtype(c.param_dtype), c.norm_plus_one, name=name)
     attn = Attention(c, c.attention_types[i], self.sharding, self.matmul, kv_shared=c.kv_source(i) is not None,
-                     name="attn")
+                     layer=i, name="attn")
     h, cache, attended = attn(norm("pre_attention_norm")(x), positions, key_pos, segment_ids, cache, shared)
     if c.use_post_attn_norm:
       h = norm("post_attention_norm")(h)
     x = constrain(x + h, RESIDUAL_AXES, self.sharding)
-    h = FeedForward(c, self.matmul, c.mlp_dim_of(i), name="mlp")(norm("pre_ffw_norm")(x))
+    h = FeedForward(c, self.matmul, c.mlp_dim_of(i), layer=i, name="mlp")(norm("pre_ffw_norm")(x))
     if c.num_experts:  # Gemma 4 26B-A4B: experts routed from the residual stream, beside the dense MLP
       experts = MixtureOfExperts(c, name="moe")(x, norm("pre_ffw_norm_2")(x))
       h = norm("post_ffw_norm_1")(h) + norm("post_ffw_norm_2")(experts)

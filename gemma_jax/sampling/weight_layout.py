@@ -28,18 +28,14 @@ import jax.numpy as jnp
 
 from gemma_jax.errors import UserError
 from gemma_jax.kernels import packed_matmul
-from gemma_jax.model.attention import K_EQN, KV_EQN, OUT_EQN, Q_EQN, QKV_EQN
 from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.layers import XLA, Matmul, tied_logits
+from gemma_jax.model.params import MATMUL_EQNS
 from gemma_jax.model.sharding import ShardingContext
-from gemma_jax.model.transformer import GATING_EQN, LINEAR_EQN, PLE_GATE_EQN, PLE_MODEL_EQN, PLE_OUT_EQN
 
 HEAD_EQN = "BTD,VD->BTV"  # the tied output head, as the table [V, D] is packed
 # The einsum each matmul weight enters (by parameter name), for `pack_params`.
-WEIGHT_EQNS = {"input_embedding": HEAD_EQN, "q_einsum": Q_EQN, "kv_einsum": KV_EQN, "qkv_einsum": QKV_EQN,
-               "k_einsum": K_EQN, "attn_vec_einsum": OUT_EQN, "gating_einsum": GATING_EQN, "linear": LINEAR_EQN,
-               "per_layer_model_projection": PLE_MODEL_EQN, "per_layer_input_gate": PLE_GATE_EQN,
-               "per_layer_projection": PLE_OUT_EQN}
+WEIGHT_EQNS = {"input_embedding": HEAD_EQN, **MATMUL_EQNS}
 # The loop layout: the axis order each attention weight is stored in (`to_loop_layout`).
 LOOP_LAYOUTS = {"q_einsum": (1, 0, 2), "kv_einsum": (0, 1, 3, 2), "qkv_einsum": (0, 1, 3, 2),
                 "k_einsum": (1, 0, 2), "attn_vec_einsum": (1, 0, 2)}

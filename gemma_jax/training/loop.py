@@ -36,6 +36,7 @@ import ml_collections
 
 from gemma_jax import checkpoint as ckpt_lib
 from gemma_jax.errors import ConfigError, Interrupted, UserError
+from gemma_jax.model import lora
 from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.params import param_shapes, param_shardings
 from gemma_jax.model.sharding import ShardingContext, make_mesh
@@ -47,8 +48,8 @@ from gemma_jax.training.evaluation import EVAL_PREFIX, MERGE_KEY, SAMPLES_KEY, S
 from gemma_jax.training.metrics import MetricsWriter
 from gemma_jax.training.run_config import validate_run_config
 from gemma_jax.training.signals import SignalCatcher
-from gemma_jax.training.start import (check_tokenizer_fits, initial_params, resolve_start, save_model,
-                                      toward_start, training_model_config)
+from gemma_jax.training.start import (check_adapters_match, check_tokenizer_fits, initial_params, resolve_start,
+                                      save_model, toward_start, training_model_config)
 from gemma_jax.training.workdir import Workdir
 
 
@@ -114,6 +115,8 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   objective = objectives.get(config.objective)
   start = resolve_start(config)
   model_config = training_model_config(config, start.config)
+  check_adapters_match(start, model_config)
+  adapters_only = bool(model_config.lora_rank)  # LoRA: only the adapters train, and run checkpoints hold them
   check_tokenizer_fits(start.tokenizer, model_config, config.tokenizer or f"{start.path or config.init_from}")
   mesh = make_mesh(config.mesh)
   ctx = ShardingContext(mesh)
@@ -133,12 +136,15 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   optimizer, schedule = optim.optimizer_from_config(config.optim, num_steps)
   model = Transformer(model_config, ctx)
   shapes = param_shapes(model_config)
-  trainable = optim.trainable_mask(shapes, config.optim.freeze)  # None: every parameter trains
+  # None: every parameter trains
+  trainable = lora.adapter_mask(shapes) if adapters_only else optim.trainable_mask(shapes, config.optim.freeze)
   max_targets = data.max_targets()  # the head runs on that many positions per row (objectives that allow it)
   loss_fn = objectives.make_loss_fn(config, model, model_config, max_targets)
   p_shardings = param_shardings(model_config, ctx)
   s_shardings = state_lib.state_shardings(optimizer, shapes, p_shardings, mesh, trainable)
 
+  # What a run checkpoint holds: the whole state, or with adapters the state less the frozen base.
+  saved_form = (lambda st: st.replace(params=lora.split(st.params)[1])) if adapters_only else (lambda st: st)
   resume_step = None if config.checkpoint.resume_step < 0 else config.checkpoint.resume_step
   run_ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                            keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
@@ -148,11 +154,13 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
     check_resumable(run_ckpt, latest, model_config, config, workdir)
   wd.write_config(config)  # the run is accepted: from here on the work directory is this run's
 
-  # The starting parameters are read once: for a fresh state, and as the frozen reference model when the
-  # objective needs one (the step's aux).
+  # The starting parameters are read once: for a fresh state, as the frozen reference model when the
+  # objective needs one (the step's aux), and as the frozen base of adapters (whose reference it also is).
   fresh = latest is None
-  params = initial_params(start, model_config, ctx, config.seed) if fresh or objective.needs_reference else None
-  aux, aux_shardings = (params, p_shardings) if objective.needs_reference else (None, None)
+  separate_reference = objective.needs_reference and not adapters_only
+  params = (initial_params(start, model_config, ctx, config.seed)
+            if fresh or separate_reference or adapters_only else None)
+  aux, aux_shardings = (params, p_shardings) if separate_reference else (None, None)
   train_step = step_lib.jit_train_step(loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, mesh=mesh,
                                        state_shardings=s_shardings, aux_shardings=aux_shardings,
                                        trainable=trainable)
@@ -163,13 +171,15 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   best_eval = math.inf
   if not fresh:
     target = state_lib.abstract_state(optimizer, shapes, s_shardings, trainable)
-    state, data_state, meta = run_ckpt.restore(latest, target)
+    state, data_state, meta = run_ckpt.restore(latest, saved_form(target))
+    if adapters_only:
+      state = state.replace(params=lora.attach(lora.split(params)[0], state.params))
     data.train.set_state(data_state)
     best_eval = meta.get("best_eval_loss")
     best_eval = math.inf if best_eval is None else float(best_eval)
     _log(f"resumed from {run_ckpt.directory}/{latest}")
   else:
-    keep = objective.needs_reference  # the reference keeps its buffers: the state gets copies, not them
+    keep = separate_reference  # the reference keeps its buffers: the state gets copies, not them
     create = lambda p: state_lib.create(jax.tree.map(jnp.copy, p) if keep else p, optimizer, config.seed,
                                         trainable)
     state = jax.jit(create, in_shardings=(p_shardings,), out_shardings=s_shardings,
@@ -214,7 +224,7 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
           "raise max_nonfinite")
 
   def save_run(force: bool = False) -> bool:
-    return run_ckpt.save(step, state, data_state, {**meta_base, "best_eval_loss": _finite(evaluate.best_loss)},
+    return run_ckpt.save(step, saved_form(state), data_state, {**meta_base, "best_eval_loss": _finite(evaluate.best_loss)},
                          force=force)
 
   try:

@@ -10,7 +10,8 @@
 loss that reads only target tokens runs the output head on at most `max_targets` positions per row.
 
 Preference data has R = 2B rows per batch of B pairs (chosen, then rejected); SFT data R = B rows. A loss
-that needs a reference model reads the frozen starting parameters as the step's `aux`.
+that needs a reference model reads the frozen starting parameters as the step's `aux`; with adapters (LoRA)
+the reference is the base with the adapters switched off (b = 0), so no second copy of the weights exists.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
 import ml_collections
 
 from gemma_jax.errors import ConfigError
+from gemma_jax.model import lora
 from gemma_jax.training.dpo import dpo_loss
 from gemma_jax.training.orpo import orpo_loss
 from gemma_jax.training.sft import sft_loss
@@ -80,6 +83,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, model_config, max_tar
   if max_targets is not None and objective.reads_only_targets(c):
     kwargs["max_targets"] = max_targets
   loss = objective.loss
+  if objective.needs_reference and model_config.lora_rank:  # the reference: the base, adapters switched off
+    off = lambda p: lora.scale_b(jax.lax.stop_gradient(p), 0.0)
+    return lambda p, b, aux: loss(p, b, reference_params=off(p), **kwargs)
   if objective.needs_reference:
     return lambda p, b, aux: loss(p, b, reference_params=aux, **kwargs)
   return lambda p, b, aux: loss(p, b, **kwargs)

@@ -86,6 +86,15 @@ def default_config() -> ml_collections.ConfigDict:
   # "embedder/input_embedding" or "layer_3/mlp/linear" (e.g. "embedder" keeps the 262144-row table as it is).
   c.optim.freeze = ""
 
+  # --- low-rank adapters (LoRA, as HF peft; gemma_jax/model/lora.py) ----------------------------------------
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # > 0: train adapters of this rank only; the base stays frozen (no gradient, no Adam moments)
+  c.lora.alpha = 16.0  # the adapters' outputs times alpha / rank (alpha / sqrt(rank) with rslora)
+  c.lora.rslora = False
+  # Projections with adapters: q, k, v, o, gate, up, down (peft's q_proj, ... and all-linear too),
+  # comma-separated, or "layer_<i>/<name>" regexes ("layer_1[0-7]/(q|v)").
+  c.lora.targets = "all-linear"
+
   # --- devices ---------------------------------------------------------------------------------------------
   c.mesh = "fsdp:-1"  # axes data, fsdp, tensor; e.g. "data:2,fsdp:4" or "fsdp:-1,tensor:2"
 
@@ -124,6 +133,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 RUN_LEVEL = ("dtype", "param_dtype", "remat", "preset")  # set by compute_dtype, param_dtype, remat instead
+LORA_FIELDS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_rslora": "rslora", "lora_targets": "targets"}
 
 
 def model_override_fields() -> ml_collections.ConfigDict:
@@ -131,7 +141,7 @@ def model_override_fields() -> ml_collections.ConfigDict:
   hints = typing.get_type_hints(TransformerConfig)
   c = ml_collections.ConfigDict()
   for f in dataclasses.fields(TransformerConfig):
-    if f.name in RUN_LEVEL:
+    if f.name in RUN_LEVEL or f.name in LORA_FIELDS:
       continue
     kind = _scalar_type(hints[f.name])
     if kind is not None:
@@ -158,6 +168,8 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
   known = {f.name for f in dataclasses.fields(TransformerConfig)}
   out = {}
   for k, v in dict(overrides).items():
+    if k in LORA_FIELDS:
+      raise ConfigError(f"model_overrides.{k}: set --config.lora.{LORA_FIELDS[k]} instead")
     if k not in known or k in RUN_LEVEL:
       raise ConfigError(f"model_overrides.{k}: not a model field that can be overridden"
                         + (f" (set --config.{'compute_dtype' if k == 'dtype' else k} instead)" if k in RUN_LEVEL[:3]
@@ -245,6 +257,13 @@ def validate_run_config(c: ml_collections.ConfigDict) -> None:
   number("optim.b2", 0.0, 1.0)
   number("optim.eps", 0.0)
   number("optim.clip_norm", -math.inf)  # <= 0: no clipping
+
+  integer("lora.rank", 0)
+  number("lora.alpha", 0.0, lo_open=True)
+  need(isinstance(c.lora.rslora, bool), "lora.rslora", "must be true or false")
+  string("lora.targets")
+  need(not (c.lora.rank and c.optim.freeze), "optim.freeze", "must be empty with lora.rank > 0 (LoRA trains the "
+       "adapters only: the base is frozen already)")
 
   integer("checkpoint.every", 1)
   integer("checkpoint.keep", 1)

@@ -18,11 +18,12 @@ import ml_collections
 from gemma_jax import checkpoint as ckpt_lib
 from gemma_jax.errors import ConfigError
 from gemma_jax.model.config import TransformerConfig
-from gemma_jax.model.params import flatten, init_params, param_shapes
+from gemma_jax.model import lora
+from gemma_jax.model.params import flatten, init_adapters, init_params, param_shapes
 from gemma_jax.model.sharding import ShardingContext
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.training.metrics import jsonable
-from gemma_jax.training.run_config import model_overrides
+from gemma_jax.training.run_config import LORA_FIELDS, model_overrides
 
 REAL_PREFIX = "real:"
 
@@ -92,8 +93,11 @@ def resolve_start(config: ml_collections.ConfigDict) -> Start:
 
 
 def training_model_config(config: ml_collections.ConfigDict, saved: TransformerConfig) -> TransformerConfig:
-  """The saved model config with the run's compute dtype, master-weight dtype and remat policy."""
-  return saved.replace(dtype=config.compute_dtype, param_dtype=config.param_dtype, remat=config.remat)
+  """The saved model config with the run's compute dtype, master-weight dtype, remat policy and adapters."""
+  lora = config.lora
+  return saved.replace(dtype=config.compute_dtype, param_dtype=config.param_dtype, remat=config.remat,
+                       lora_rank=lora.rank, lora_alpha=float(lora.alpha), lora_rslora=lora.rslora,
+                       lora_targets=lora.targets)
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, model_config: TransformerConfig, where: str) -> None:
@@ -104,18 +108,37 @@ def check_tokenizer_fits(tokenizer: Tokenizer, model_config: TransformerConfig, 
                       "tokenizer the model was trained with (the checkpoint's own, the default)")
 
 
+def check_adapters_match(start: Start, model_config: TransformerConfig) -> None:
+  """A start that carries adapters trains on with the same ones (rank, alpha, targets), or is refused."""
+  if not start.config.lora_rank:
+    return
+  saved = {f: getattr(start.config, f) for f in LORA_FIELDS}
+  now = {f: getattr(model_config, f) for f in LORA_FIELDS}
+  if saved != now:
+    diffs = "; ".join(f"lora.{LORA_FIELDS[f]}: {saved[f]!r} saved, {now[f]!r} now" for f in saved if saved[f] != now[f])
+    raise ConfigError(f"init_from={start.path} carries adapters; train them on with the same settings ({diffs}), "
+                      "or merge them into a full checkpoint first (python -m gemma_jax.convert --in=ADAPTERS "
+                      "--out=MERGED)")
+
+
 def initial_params(start: Start, model_config: TransformerConfig, ctx: ShardingContext, seed: int):
-  """The starting parameters, placed by the sharding rules: the checkpoint's (read here), or a seeded init."""
+  """The starting parameters, placed by the sharding rules: the checkpoint's (read here), or a seeded init.
+  With adapters (`lora_rank > 0`) not in the checkpoint, fresh ones (peft's init: the model is unchanged)."""
   if start.path is None:
     return init_params(model_config, jax.random.key(seed), ctx)
   ck = ckpt_lib.load(start.path, sharding=ctx, dtype=model_config.param_dtype)
+  if model_config.lora_rank and not start.config.lora_rank:
+    return lora.attach(ck.params, init_adapters(model_config, jax.random.key(seed), ctx))
   return ck.params
 
 
 def toward_start(params, start: Start, model_config: TransformerConfig, ctx: ShardingContext, seed: int,
                  alpha: float):
   """`start + alpha * (params - start)` leaf by leaf, in the params' dtype and shardings (the starting
-  parameters are read again: training may have donated their buffers)."""
+  parameters are read again: training may have donated their buffers). With adapters trained on a frozen base,
+  exactly that by scaling the adapters' b (nothing is read)."""
+  if model_config.lora_rank and not start.config.lora_rank:
+    return jax.jit(lambda p: lora.scale_b(p, alpha))(params)
   initial = initial_params(start, model_config, ctx, seed)
   mix = lambda s, t: (s.astype(jnp.float32) + alpha * (t.astype(jnp.float32) - s.astype(jnp.float32))).astype(t.dtype)
   return jax.jit(lambda s, t: jax.tree.map(mix, s, t), donate_argnums=(0,))(initial, params)
@@ -130,7 +153,13 @@ def save_model(path: str, params, start: Start, model_config: TransformerConfig,
   and, after an evaluation with greedy samples, `eval_stop_rate` (the fraction of them that ended with a stop
   token within `eval.sample_tokens`); the sampler warns when it is low.
   """
-  saved_config = start.config.replace(param_dtype=model_config.param_dtype)
+  saved_config = start.config.replace(param_dtype=model_config.param_dtype,
+                                      **{f: getattr(model_config, f) for f in LORA_FIELDS})
+  base = None
+  if model_config.lora_rank and start.path is not None:  # the adapters alone, naming their base
+    base = (ckpt_lib.read_metadata(start.path).get("base") if start.config.lora_rank
+            else ckpt_lib.base_reference(start.path))
+    params = lora.split(params)[1]
   kind = "it" if start.template.is_chat else start.kind
   trained = {"from": config.init_from, "objective": config.objective, "steps": int(step),
              "skipped_steps": int(skipped_steps), "template": start.template.name,
@@ -141,4 +170,5 @@ def save_model(path: str, params, start: Start, model_config: TransformerConfig,
     trained.update(eval_stop_rate=float(stop_rate), eval_sample_tokens=int(config.eval.sample_tokens))
   extra = {"train_metrics": {k: jsonable(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
   ckpt_lib.save(path, config=saved_config, params=params, tokenizer=start.tokenizer,
-                template=start.template.to_dict(), kind=kind, provenance={"trained": trained}, extra=extra)
+                template=start.template.to_dict(), kind=kind, provenance={"trained": trained}, extra=extra,
+                base=base)
