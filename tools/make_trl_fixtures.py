@@ -6,13 +6,17 @@ Regenerate (needs the reference venv with torch + transformers + trl; gemma_jax 
     /opt/hfref/bin/python tools/make_trl_fixtures.py gemma4       # only these (the others stay as they are)
 
 Outputs, in tests/fixtures/trl/<name>/ for name in gemma2 (attention and final soft-caps that bite, GQA,
-sliding window shorter than the rows), gemma3 (QK-norm, 5 local + 1 global layers) and gemma4 (dense: global
-layers with their own head dim, K = V and proportional RoPE, value norm, layer scalars):
+sliding window shorter than the rows), gemma3 (QK-norm, 5 local + 1 global layers), gemma4 (dense: global
+layers with their own head dim, K = V and proportional RoPE, value norm, layer scalars) and gemma3_lora (the
+gemma3 model under peft LoRA adapters on every projection, seeded non-zero; TRL trains the adapters only):
   config.json, model.safetensors   the random HF model (f32, seeded), as `save_pretrained` writes it
   batch.npz                        the collated batch exactly as TRL's ORPOTrainer receives it:
                                    {chosen,rejected}_{input_ids,attention_mask,labels} [B, T_*] int64
   reference.npz                    loss (scalar), metric/<name> for every TRL metric, grad/<hf name> for
-                                   every parameter (f32), and beta
+                                   every trained parameter (f32), and beta; gemma3_lora: logits [1, 37, V]
+                                   of the peft model on tokens [2, 4..39] too
+  adapter/ (gemma3_lora)           the adapters as peft's save_pretrained writes them
+  lora_config_fields.json          (gemma3_lora) the fields peft's LoraConfig accepts
 
 The path through TRL is the trainer's own: an `ORPOTrainer` built on a text dataset and a word-level tokenizer
 (one word per token id, so the token ids are chosen here), its `tokenize_row` (BOS / EOS handling, prompt
@@ -123,10 +127,29 @@ def trl_reference(model, pairs, beta: float, workdir: str, max_length: int = 64)
   model.zero_grad()
   loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch, train_eval="train")
   loss.backward()
-  grads = {n: p.grad.detach().float().numpy().copy() for n, p in model.named_parameters()}
+  grads = {n: p.grad.detach().float().numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
   keep = {k: v.numpy() for k, v in batch.items()
           if isinstance(v, torch.Tensor) and k.startswith(("chosen_", "rejected_"))}
   return keep, float(loss.detach()), metrics, grads
+
+
+LORA = dict(r=4, lora_alpha=12.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"], lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+
+def with_lora(model, seed: int):
+  """The model under peft LoRA adapters (LORA) with seeded a and b: b ~ N(0, 0.2) (not peft's zeros, so every
+  adapter gradient and the adapters' effect on the logits are non-trivial)."""
+  from peft import LoraConfig, get_peft_model
+  peft_model = get_peft_model(model, LoraConfig(**LORA, init_lora_weights=False))
+  rng = np.random.default_rng(seed)
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_A" in name:
+        p.copy_(torch.from_numpy(rng.uniform(-1, 1, p.shape).astype(np.float32) / np.sqrt(p.shape[1])))
+      elif "lora_B" in name:
+        p.copy_(torch.from_numpy(rng.normal(0.0, 0.2, p.shape).astype(np.float32)))
+  return peft_model
 
 
 def main(only: list[str]) -> None:
@@ -138,8 +161,9 @@ def main(only: list[str]) -> None:
   tmp = OUT + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  seeds = {"gemma2": 0, "gemma3": 1, "gemma4": 2}  # the seeds the committed fixtures were made with
-  for name, cfg in specs().items():
+  seeds = {"gemma2": 0, "gemma3": 1, "gemma4": 2, "gemma3_lora": 1}  # the seeds the committed fixtures used
+  all_specs = {**specs(), "gemma3_lora": specs()["gemma3"]}
+  for name, cfg in all_specs.items():
     if only and name not in only:
       continue
     seed = seeds[name]
@@ -148,10 +172,22 @@ def main(only: list[str]) -> None:
     init_weights(model, 3000 + seed)
     d = os.path.join(tmp, name)
     model.save_pretrained(d, safe_serialization=True)
+    extra = {}
+    if name.endswith("_lora"):  # TRL + peft: the adapters train, the base is frozen
+      model = with_lora(model, 4000 + seed)
+      model.save_pretrained(os.path.join(d, "adapter"), safe_serialization=True)
+      os.remove(os.path.join(d, "adapter", "README.md"))  # peft's model-card stub
+      model.eval()
+      with torch.no_grad():
+        extra["logits"] = model(input_ids=torch.tensor([[2] + list(range(4, 40))])).logits.float().numpy()
+      import peft
+      from peft import LoraConfig
+      with open(os.path.join(d, "lora_config_fields.json"), "w") as f:
+        json.dump({"peft": peft.__version__, "fields": sorted(LoraConfig.__dataclass_fields__)}, f, indent=1)
     with tempfile.TemporaryDirectory() as work:
       batch, loss, metrics, grads = trl_reference(model, PAIRS, BETA, work)
     np.savez_compressed(os.path.join(d, "batch.npz"), **batch)
-    ref = {"loss": np.float32(loss), "beta": np.float32(BETA)}
+    ref = {"loss": np.float32(loss), "beta": np.float32(BETA), **extra}
     ref.update({f"metric/{k}": np.float32(v) for k, v in metrics.items()})
     ref.update({f"grad/{k}": v.astype(np.float32) for k, v in grads.items()})
     np.savez_compressed(os.path.join(d, "reference.npz"), **ref)

@@ -1,7 +1,11 @@
 """Converts any Gemma checkpoint we read into our format or into a transformers (HF) directory.
 
-    python -m gemma_jax.convert --src=PATH --dst=PATH [--dst_format=native|hf] [--dtype=float32|bfloat16]
+    python -m gemma_jax.convert --src=PATH --dst=PATH [--dst_format=native|hf|peft] [--dtype=float32|bfloat16]
         [--kind=pt|it] [--template=auto|none|<name>] [--overwrite] [--preset=NAME | --config_json=FILE]
+        [--base=PATH] [--merge]
+
+Adapters (LoRA): `--merge` folds an adapter checkpoint into a full model (native or hf); `--dst_format=peft`
+writes the adapters as an HF peft directory; a peft directory is read with `--base=` its base (ours).
 
 The source format is detected (`detect.py`): our checkpoint, a transformers Gemma directory, an official
 Flax checkpoint or a GGUF file (`run.convert` does the work). Flags and the destination's directory are
@@ -27,7 +31,8 @@ from gemma_jax.model.config import TransformerConfig
 
 _SRC = flags.DEFINE_string("src", None, "Checkpoint to read: gemma_jax dir, HF dir, official Flax dir or .gguf.")
 _DST = flags.DEFINE_string("dst", None, "Where to write; must not exist unless --overwrite.")
-_DST_FORMAT = flags.DEFINE_string("dst_format", "native", "native (gemma_jax) or hf (transformers safetensors).")
+_DST_FORMAT = flags.DEFINE_string("dst_format", "native", "native (gemma_jax), hf (transformers safetensors) or "
+                                  "peft (LoRA adapters alone).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Parameter dtype to write: float32, bfloat16 (default: the source's; "
                              "float32 for GGUF).")
 _KIND = flags.DEFINE_string("kind", None, "pt (pretrained) or it (instruction-tuned); default: what the source "
@@ -39,6 +44,10 @@ _PRESET = flags.DEFINE_string("preset", None, "Official Flax sources only: the m
 _CONFIG_JSON = flags.DEFINE_string("config_json", None, "Official Flax sources only: a JSON file of the model "
                                    "config (TransformerConfig.to_dict()), for models that are no preset.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --dst.")
+_BASE = flags.DEFINE_string("base", None, "Adapter sources: the gemma_jax checkpoint of the base model (a peft "
+                            "directory's, or an adapter checkpoint's whose base moved).")
+_MERGE = flags.DEFINE_bool("merge", False, "Fold a source's adapters into the weights: a full model (needed for "
+                           "--dst_format=hf).")
 
 
 def _config_from_json(path: str) -> TransformerConfig:
@@ -112,7 +121,8 @@ def _main(argv):
   before, dst_id = partial_outputs(dst), identity(os.path.abspath(dst))
   try:
     fmt = convert(src=_SRC.value, dst=dst, dst_format=_DST_FORMAT.value, dtype=_DTYPE.value,
-                  kind=_KIND.value, template=_TEMPLATE.value, overwrite=_OVERWRITE.value, preset=preset)
+                  kind=_KIND.value, template=_TEMPLATE.value, overwrite=_OVERWRITE.value, preset=preset,
+                  base=_BASE.value, merge=_MERGE.value)
   except BaseException:
     if guard is None or not guard.fired:
       raise

@@ -1,6 +1,6 @@
 """What a path holds: our checkpoint, a transformers Gemma directory, an official Flax checkpoint, or a GGUF.
 
-`detect_format(path)` returns "native", "hf", "official" or "gguf", or raises a one-line CheckpointError
+`detect_format(path)` returns "native", "hf", "official", "gguf" or "peft" (LoRA adapters), or raises a one-line CheckpointError
 saying what the path is instead and what to do (Llama directory: unsupported architecture; pickle-only
 weights: refused, convert to safetensors; anything else: what a checkpoint looks like).
 """
@@ -15,7 +15,7 @@ from gemma_jax.convert.common import read_json_object
 from gemma_jax.convert.hf_config import HF_ARCHITECTURES, HF_MODEL_TYPES
 from gemma_jax.errors import CheckpointError
 
-Format = Literal["native", "hf", "official", "gguf"]
+Format = Literal["native", "hf", "official", "gguf", "peft"]
 
 # Weight files that only unpickling could read (never done); lower-case suffixes.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -27,14 +27,16 @@ EXPECTED = ("expected a gemma_jax checkpoint directory (metadata.json), a transf
 
 def format_name(fmt: Format) -> str:
   return {"native": "a gemma_jax checkpoint", "hf": "a transformers (HF safetensors) checkpoint",
-          "official": "an official Flax (orbax) checkpoint", "gguf": "a GGUF file"}[fmt]
+          "official": "an official Flax (orbax) checkpoint", "gguf": "a GGUF file",
+          "peft": "a peft LoRA adapter directory"}[fmt]
 
 
 def convert_command(src: str) -> str:
   """The exact command converting `src` to our format next to it."""
   src = os.path.normpath(src)
   stem = src[:-len(".gguf")] if src.lower().endswith(".gguf") else src
-  return f"python -m gemma_jax.convert --src={src} --dst={stem}-gemma_jax"
+  base = " --base=BASE_CHECKPOINT" if os.path.isfile(os.path.join(src, "adapter_config.json")) else ""
+  return f"python -m gemma_jax.convert --src={src}{base} --dst={stem}-gemma_jax"
 
 
 def _is_gguf_file(path: str) -> bool:
@@ -95,6 +97,8 @@ def detect_format(path: str | os.PathLike) -> Format:
     raise CheckpointError(f"{path}: cannot list the directory ({e.strerror})") from None
   if METADATA_FILE in files and looks_native(path):
     return "native"
+  if "adapter_config.json" in files:
+    return "peft"
 
   has_safetensors = any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in files)
   pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES) or f.endswith(".bin.index.json")]

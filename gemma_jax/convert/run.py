@@ -19,7 +19,7 @@ from gemma_jax.checkpoint_format import looks_native
 from gemma_jax.errors import UserError
 from gemma_jax.model.config import DTYPES, TransformerConfig
 
-DST_FORMATS = ("native", "hf")
+DST_FORMATS = ("native", "hf", "peft")
 
 def _say(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
@@ -30,25 +30,38 @@ def _choice(name: str, value: str | None, choices: tuple[str, ...]) -> None:
     raise UserError(f"--{name}={value}: use one of {', '.join(choices)}")
 
 
-def _read(fmt: str, src: str, dtype: str | None, preset=None):
-  """Reads `src` into an `Imported`; native sources also return their saved template dict."""
+def _read(fmt: str, src: str, dtype: str | None, preset=None, base: str | None = None):
+  """Reads `src` into an `Imported`; native and peft sources also return their saved template dict (a peft
+  directory: its base's) and, with adapters on a base checkpoint, `checkpoint.base_reference` of the base."""
   from gemma_jax.convert.common import Imported
   if fmt == "native":
     from gemma_jax import checkpoint
-    ck = checkpoint.load(src, dtype=dtype)
+    ck = checkpoint.load(src, dtype=dtype, base=base)
     source = {k: v for k, v in ck.provenance.items() if k not in ("gemma_jax_version", "created")}
     imported = Imported(config=ck.config, params=ck.params, tokenizer=ck.tokenizer, kind=ck.kind,
                         source={"format": "native", "path": src, "provenance": source})
-    return imported, ck.template
+    ref = ck.metadata.get("base")
+    return imported, ck.template, (dict(ref, path=os.path.abspath(base)) if ref and base else ref)
+  if fmt == "peft":
+    from gemma_jax import checkpoint
+    from gemma_jax.convert.peft import read_peft
+    from gemma_jax.model import lora
+    ck = checkpoint.load(base, dtype=dtype)
+    if ck.config.lora_rank:
+      raise UserError(f"--base={base} carries adapters itself; pass the full base model")
+    config, adapters = read_peft(src, ck.config, dtype=ck.config.param_dtype)
+    imported = Imported(config=config, params=lora.attach(ck.params, adapters), tokenizer=ck.tokenizer,
+                        kind=ck.kind, source={"format": "peft", "path": src, "base": os.path.abspath(base)})
+    return imported, ck.template, checkpoint.base_reference(base)
   if fmt == "hf":
     from gemma_jax.convert.hf import read_hf
-    return read_hf(src, dtype=dtype), None
+    return read_hf(src, dtype=dtype), None, None
   if fmt == "official":
     from gemma_jax.convert.official import read_official
-    return read_official(src, dtype=dtype, preset=preset), None
+    return read_official(src, dtype=dtype, preset=preset), None, None
   if fmt == "gguf":
     from gemma_jax.convert.gguf import read_gguf
-    return read_gguf(src, dtype=dtype or "float32"), None
+    return read_gguf(src, dtype=dtype or "float32"), None, None
   raise AssertionError(fmt)
 
 
@@ -108,6 +121,8 @@ def _check_dst(dst: str, dst_format: str, overwrite: bool) -> None:
     raise UserError(f"{dst} exists; delete it, choose another --dst, or pass --overwrite")
   if dst_format == "native":
     ours = os.path.isdir(dst) and looks_native(dst)
+  elif dst_format == "peft":
+    ours = os.path.isdir(dst) and os.path.isfile(os.path.join(dst, "adapter_config.json"))
   else:
     ours = os.path.isdir(dst) and os.path.isfile(os.path.join(dst, "config.json"))
   if not ours:
@@ -117,10 +132,13 @@ def _check_dst(dst: str, dst_format: str, overwrite: bool) -> None:
 
 def convert(*, src: str, dst: str, dst_format: str = "native", dtype: str | None = None,
             kind: str | None = None, template: str = "auto", overwrite: bool = False,
-            preset: str | TransformerConfig | None = None) -> str:
-  """Reads `src` (any format we read) and writes `dst` (native or hf); returns the source format.
+            preset: str | TransformerConfig | None = None, base: str | None = None, merge: bool = False) -> str:
+  """Reads `src` (any format we read) and writes `dst` (native, hf or peft); returns the source format.
 
   preset: for official Flax sources, the preset name or config when the shapes do not pin the model down.
+  Adapters (LoRA): base: the base checkpoint (ours) of a peft source, or of an adapter checkpoint whose base
+  moved. merge: fold the adapters into the weights (a full model; an hf destination needs it). Without it a
+  native destination stays an adapter checkpoint; peft writes the adapters alone.
   """
   from gemma_jax.convert.detect import detect_format
   _choice("dst_format", dst_format, DST_FORMATS)
@@ -134,19 +152,45 @@ def convert(*, src: str, dst: str, dst_format: str = "native", dtype: str | None
   fmt = detect_format(src)
   if preset is not None and fmt != "official":
     raise UserError(f"--preset/--config_json apply to official Flax sources only; {src} is {fmt}")
+  if fmt == "peft" and not base:
+    raise UserError(f"{src} is a peft adapter directory: pass --base=PATH, the gemma_jax checkpoint of its base "
+                    "model (convert the HF base first)")
+  if base and fmt not in ("peft", "native"):
+    raise UserError(f"--base applies to adapter sources (peft directories, gemma_jax adapter checkpoints); {src} "
+                    f"is {fmt}")
   _say(f"reading {src} ({fmt})")
-  imported, saved_template = _read(fmt, src, dtype, preset)
+  imported, saved_template, base_ref = _read(fmt, src, dtype, preset, base)
   kind = kind or imported.kind
   tmpl = _template_dict(template, imported, saved_template)
+  adapters = bool(imported.config.lora_rank)
+  if merge and not adapters:
+    raise UserError(f"--merge: {src} carries no adapters to fold in")
+  if dst_format == "hf" and adapters and not merge:
+    raise UserError(f"{src} carries adapters and an HF directory holds a full model: pass --merge to fold them "
+                    "into the weights, or --dst_format=peft for the adapters alone")
+  if dst_format == "peft" and not adapters:
+    raise UserError(f"{src} carries no adapters; --dst_format=peft writes adapters only")
+  if merge:
+    from gemma_jax.model.params import fold_adapters
+    imported.config, imported.params = fold_adapters(imported.config, imported.params)
+    base_ref = None
+    _say("folded the adapters into the weights (a full model)")
 
   if dst_format == "native":
     from gemma_jax import checkpoint
+    from gemma_jax.model import lora
     provenance = {"converted_from": {"format": fmt, "path": os.path.abspath(src),
                                      **{k: v for k, v in imported.source.items() if k not in ("format", "path")}}}
     if dtype is not None:
       provenance["converted_from"]["dtype"] = dtype
-    checkpoint.save(dst, config=imported.config, params=imported.params, tokenizer=imported.tokenizer,
-                    template=tmpl, kind=kind, provenance=provenance, overwrite=overwrite)
+    params = lora.split(imported.params)[1] if base_ref else imported.params
+    checkpoint.save(dst, config=imported.config, params=params, tokenizer=imported.tokenizer,
+                    template=tmpl, kind=kind, provenance=provenance, overwrite=overwrite, base=base_ref)
+  elif dst_format == "peft":
+    from gemma_jax.convert.peft import write_peft
+    from gemma_jax.model import lora
+    write_peft(dst, imported.config, lora.split(imported.params)[1],
+               base_name=(base_ref or {}).get("path", os.path.abspath(src)), dtype=dtype)
   else:
     from gemma_jax.convert.hf import write_hf
     write_hf(dst, imported.config, imported.params, tokenizer=imported.tokenizer,
