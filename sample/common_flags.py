@@ -10,6 +10,8 @@ from __future__ import annotations
 from absl import flags
 
 CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory (our format). Default: the real Gemma 3 270M.")
+BASE = flags.DEFINE_string("base", None, "An adapter (LoRA) checkpoint's base model, when it is not where the "
+                           "adapters' metadata says.")
 DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Cast the parameters (default: as saved).")
 MESH = flags.DEFINE_string("mesh", None, "Shard over devices, e.g. 'fsdp:-1' or 'data:2,tensor:4'.")
 STRICT_TEMPLATE = flags.DEFINE_boolean("strict_template", False,
@@ -66,7 +68,7 @@ def load(template: str, *, for_chat: bool = False):
   """(Checkpoint, Sampler, Template or None) of --ckpt, --dtype, --mesh; `template` resolved against the saved one."""
   from gemma_jax.sampling.chat import resolve_template
   from gemma_jax.sampling.loading import load_sampler
-  ck, sampler = load_sampler(CKPT.value, dtype=DTYPE.value, mesh=MESH.value)
+  ck, sampler = load_sampler(CKPT.value, dtype=DTYPE.value, mesh=MESH.value, base=BASE.value)
   resolved = resolve_template(template, ck.template, ck.config.family, kind=ck.kind, strict=STRICT_TEMPLATE.value,
                               for_chat=for_chat)
   return ck, sampler, resolved

@@ -55,6 +55,7 @@ def test_adapters_train_alone_and_final_is_an_adapter_checkpoint(ws, tmp_path):
   assert rows[1]["loss"] != rows[0]["loss"]
 
 
+@pytest.mark.slow  # whole runs end to end: `bash scripts/test.sh --slow`
 def test_resume_is_bitwise_and_another_rank_is_refused(ws, tmp_path):
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
   train(run_config(ws, num_steps=4, **LORA), whole)
@@ -67,6 +68,7 @@ def test_resume_is_bitwise_and_another_rank_is_refused(ws, tmp_path):
     train(run_config(ws, num_steps=6, **{**LORA, "lora.rank": 8}), parts)
 
 
+@pytest.mark.slow  # whole runs end to end: `bash scripts/test.sh --slow`
 def test_a_moved_or_different_base_is_named(ws, tmp_path, tiny_tokenizer):
   from training_helpers import write_tiny_checkpoint
   base = str(tmp_path / "base")
@@ -82,6 +84,7 @@ def test_a_moved_or_different_base_is_named(ws, tmp_path, tiny_tokenizer):
     checkpoint.load(result.final_dir, base=other)
 
 
+@pytest.mark.slow  # whole runs end to end: `bash scripts/test.sh --slow`
 def test_dpo_reference_is_the_base_without_a_copy(ws, tmp_path):
   """DPO with adapters: the first loss is ln 2 (policy == reference: b = 0), then the policy moves."""
   train(run_config(ws, objective="dpo", num_steps=2, **LORA), str(tmp_path / "run"))
@@ -98,3 +101,37 @@ def test_lora_config_errors_are_one_line(ws, tmp_path):
     train(run_config(ws, **{**LORA, "optim.freeze": "embedder"}), str(tmp_path / "b"))
   with pytest.raises(ConfigError, match=r"set --config.lora.rank instead"):
     train(run_config(ws, **{"model_overrides.lora_rank": 2}), str(tmp_path / "c"))
+
+
+@pytest.mark.slow  # whole runs end to end: `bash scripts/test.sh --slow`
+def test_sampling_adapters_unmerged_equals_the_merged_model(ws, tmp_path):
+  """The sampler applies the adapters itself (packed CPU kernel and XLA layouts): the same greedy tokens as the
+  merged full model; adapter sets over one base sample side by side; b = 0 samples the base."""
+  from gemma_jax.convert.run import convert
+  from gemma_jax.model.params import fold_adapters
+  from gemma_jax.sampling.engine import Sampler
+  from gemma_jax.sampling.loading import load_sampler
+  result = train(run_config(ws, num_steps=1, **LORA), str(tmp_path / "run"))
+  merged = str(tmp_path / "merged")
+  convert(src=result.final_dir, dst=merged, merge=True)
+  prompts = ["the capital of", "hello world how"]
+  tokens = lambda s: [c.tokens for c in s.generate(prompts, max_new_tokens=8)]
+  logprobs = lambda s: np.array([c.logprobs for c in s.generate(prompts, max_new_tokens=8)])
+  ck, adapted = load_sampler(result.final_dir)  # the adapter checkpoint, on its base
+  assert tokens(adapted) == tokens(load_sampler(merged)[1])
+  base, adapters = lora.split(ck.params)
+  # (The tiny random model's tied head picks the last token again whatever comes after: a smaller table spreads
+  # its log-probs, so that what the adapters change shows.)
+  base = {**base, "embedder": {"input_embedding": base["embedder"]["input_embedding"] * 0.05}}
+  keys = iter(jax.random.split(jax.random.key(7), 100))
+  strong = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(next(keys), x.shape), adapters)  # far from 0
+  folded_config, folded = fold_adapters(ck.config, lora.attach(base, strong))
+  base_config = checkpoint.load(ws["init"]).config
+  for packed in (None, False):
+    with_adapters = logprobs(Sampler(ck.config, lora.attach(base, strong), ck.tokenizer, packed=packed))
+    np.testing.assert_allclose(with_adapters, logprobs(Sampler(folded_config, folded, ck.tokenizer, packed=packed)),
+                               atol=1e-4)
+    plain = logprobs(Sampler(base_config, base, ck.tokenizer, packed=packed))
+    assert np.abs(with_adapters - plain).max() > 0.1
+    off = lora.scale_b(lora.attach(base, strong), 0.0)
+    np.testing.assert_array_equal(logprobs(Sampler(ck.config, off, ck.tokenizer, packed=packed)), plain)

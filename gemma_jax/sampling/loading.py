@@ -25,8 +25,11 @@ def stop_rate_warning(provenance: Mapping[str, Any]) -> str | None:
 
 
 def load_sampler(ckpt: str | None, *, dtype: str | None = None, mesh: str | None = None,
-                 prefill_chunk: int = 512, warn: Callable[[str], None] = logging.warning):
+                 prefill_chunk: int = 512, warn: Callable[[str], None] = logging.warning, base: str | None = None):
   """(Checkpoint, Sampler) for `ckpt` (our format); None = the real Gemma 3 270M (PT), converted once.
+
+  An adapter (LoRA) checkpoint is sampled with its adapters unmerged, on its base (`base`: where that base is
+  now, when it moved).
 
   mesh: a mesh spec such as "fsdp:-1" or "data:2,tensor:4" to shard params, batch and cache.
   warn: gets `stop_rate_warning`'s line, for a fine-tune that rarely stopped in its eval samples.
@@ -40,7 +43,7 @@ def load_sampler(ckpt: str | None, *, dtype: str | None = None, mesh: str | None
     ckpt = real_model_path()
     logging.info("no --ckpt: using the real Gemma 3 270M (PT) at %s", ckpt)
   ctx = ShardingContext(make_mesh(mesh)) if mesh else None
-  ck = checkpoint.load(ckpt, sharding=ctx, dtype=dtype)
+  ck = checkpoint.load(ckpt, sharding=ctx, dtype=dtype, base=base)
   if ck.tokenizer is None:
     raise UserError(f"{ckpt}: the checkpoint has no tokenizer.model; sampling needs one (re-convert it with "
                     "its tokenizer)")
