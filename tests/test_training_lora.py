@@ -36,7 +36,9 @@ def _run_checkpoint_arrays(workdir: str, step: int) -> set[str]:
 
 def test_adapters_train_alone_and_final_is_an_adapter_checkpoint(ws, tmp_path):
   workdir = str(tmp_path / "run")
-  result = train(run_config(ws, num_steps=2, **LORA), workdir)
+  # With an evaluation at step 2: its greedy samples run the adapted model (a sampler refuses adapters its
+  # config would ignore).
+  result = train(run_config(ws, num_steps=2, **{**LORA, "data.eval": ws["eval"], "eval.every": 2}), workdir)
   init, final = checkpoint.load(ws["init"]), checkpoint.load(result.final_dir)
   base, adapters = lora.split(final.params)
   assert_trees_bitwise_equal(base, init.params)  # the base got no update
@@ -135,3 +137,14 @@ def test_sampling_adapters_unmerged_equals_the_merged_model(ws, tmp_path):
     assert np.abs(with_adapters - plain).max() > 0.1
     off = lora.scale_b(lora.attach(base, strong), 0.0)
     np.testing.assert_array_equal(logprobs(Sampler(ck.config, off, ck.tokenizer, packed=packed)), plain)
+
+
+def test_a_sampler_refuses_adapters_its_config_would_ignore(ws):
+  from helpers import tiny_config
+  from gemma_jax.model.params import init_params
+  from gemma_jax.sampling.engine import Sampler
+  config = tiny_config("gemma3", num_layers=2, lora_rank=2)
+  params = init_params(config, jax.random.key(0))
+  tok = checkpoint.load(ws["init"]).tokenizer
+  with pytest.raises(ValueError, match="carry LoRA adapters but the config has lora_rank=0"):
+    Sampler(config.replace(lora_rank=0), params, tok)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax.errors import UserError
-from gemma_jax.model import kv_cache
+from gemma_jax.model import kv_cache, lora
 from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.params import param_shardings
 from gemma_jax.model.sharding import ShardingContext
@@ -86,6 +86,9 @@ class Sampler:
   def __init__(self, config: TransformerConfig, params: Any, tokenizer: Tokenizer, *,
                sharding: ShardingContext | None = None, prefill_chunk: int = 512, min_cache: int = 128,
                packed: bool | None = None, layout: WeightLayout | None = None):
+    if not config.lora_rank and lora.split(params)[1]:  # the model would read the base and ignore them
+      raise ValueError("the params carry LoRA adapters but the config has lora_rank=0: pass the adapted config "
+                       "(or fold the adapters in: gemma_jax.model.params.fold_adapters)")
     self.config = config
     self.tokenizer = tokenizer
     self.sharding = sharding

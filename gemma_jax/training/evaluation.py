@@ -21,7 +21,7 @@ from gemma_jax.progress import progress_bar
 from gemma_jax.training.batches import global_batch, stack_microbatches
 from gemma_jax.training.metrics import MetricsWriter
 from gemma_jax.training.run_data import RunData
-from gemma_jax.training.start import Start, save_model
+from gemma_jax.training.start import Start, save_model, saved_model_config
 
 
 EVAL_PREFIX = "eval_"  # TRL's names: eval_loss, eval_rewards/accuracies, ...
@@ -126,7 +126,7 @@ class Evaluator:
       return []
     # One device: unsharded, so the sampler takes the backend's fastest layout (the packed CPU kernel) and
     # shares its compiled programs with any other sampler of this model in the process.
-    sampler = Sampler(start.config.replace(param_dtype=self.model_config.param_dtype), params, start.tokenizer,
+    sampler = Sampler(saved_model_config(start, self.model_config), params, start.tokenizer,
                       sharding=self.ctx if self.mesh.size > 1 else None)
     out = sampler.generate([p.tolist() for p in prompts], max_new_tokens=config.eval.sample_tokens,
                            sampling=SamplingParams(), stop_ids=start.template.stop_token_ids(start.tokenizer))

@@ -144,6 +144,13 @@ def toward_start(params, start: Start, model_config: TransformerConfig, ctx: Sha
   return jax.jit(lambda s, t: jax.tree.map(mix, s, t), donate_argnums=(0,))(initial, params)
 
 
+def saved_model_config(start: Start, model_config: TransformerConfig) -> TransformerConfig:
+  """The config a trained model is saved (and sampled) with: the start's, with the run's master-weight dtype and
+  adapters (not the training-only compute dtype or remat)."""
+  return start.config.replace(param_dtype=model_config.param_dtype,
+                              **{f: getattr(model_config, f) for f in LORA_FIELDS})
+
+
 def save_model(path: str, params, start: Start, model_config: TransformerConfig, config, *, step: int,
                metrics: dict[str, Any], skipped_steps: int = 0, examples: dict[str, int] | None = None,
                stop_rate: float | None = None) -> None:
@@ -153,8 +160,7 @@ def save_model(path: str, params, start: Start, model_config: TransformerConfig,
   and, after an evaluation with greedy samples, `eval_stop_rate` (the fraction of them that ended with a stop
   token within `eval.sample_tokens`); the sampler warns when it is low.
   """
-  saved_config = start.config.replace(param_dtype=model_config.param_dtype,
-                                      **{f: getattr(model_config, f) for f in LORA_FIELDS})
+  saved_config = saved_model_config(start, model_config)
   base = None
   if model_config.lora_rank and start.path is not None:  # the adapters alone, naming their base
     base = (ckpt_lib.read_metadata(start.path).get("base") if start.config.lora_rank
