@@ -66,3 +66,28 @@ def test_preset_init_on_mesh_builds_only_shards():
   compiled = fn.lower(jax.random.key(0)).compile()
   per_device = compiled.memory_analysis().output_size_in_bytes
   assert per_device < total / 8 * 1.05, (per_device, total)
+
+
+def test_adapters_shard_with_their_weights_and_sharded_equals_unsharded():
+  """LoRA adapters take their weight's logical axes (the rank axis replicated); a sharded forward with
+  non-zero adapters equals the unsharded one."""
+  from gemma_jax.model import lora
+  config = tiny_config("gemma3", num_heads=4, num_kv_heads=2, embed_dim=64, vocab_size=256, lora_rank=4)
+  ctx = ShardingContext(make_mesh("fsdp:4,tensor:2"))
+  shardings = param_shardings(config, ctx)["layer_0"]
+  assert shardings["attn"]["q_einsum"]["lora_q_a"].spec == P("fsdp", None)
+  assert shardings["attn"]["q_einsum"]["lora_q_b"].spec == P(None, "tensor", None)
+  assert shardings["attn"]["attn_vec_einsum"]["lora_o_a"].spec == P("tensor", None, None)
+  assert shardings["mlp"]["lora_down_a"].spec == P("tensor", None)
+  params = init_params(config, jax.random.key(0), sharding=ctx)
+  base, adapters = lora.split(params)
+  adapters = jax.tree.map(lambda x: x + 0.3 * jnp.ones_like(x), adapters)  # b off zero, shardings kept
+  params = lora.attach(base, adapters)
+  tokens = jax.random.randint(jax.random.key(1), (8, 12), 0, config.vocab_size)
+  sharded = jax.jit(lambda p, t: Transformer(config, ctx).apply({"params": p}, t)[0])(
+      params, jax.device_put(tokens, ctx.sharding(("batch", "length"), tokens.shape)))
+  plain, _ = jax.jit(Transformer(config).apply)({"params": jax.tree.map(np.asarray, params)}, tokens)
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(plain), atol=1e-4)
+  base_logits, _ = jax.jit(Transformer(config.replace(lora_rank=0)).apply)({"params": jax.tree.map(np.asarray, base)},
+                                                                           tokens)
+  assert np.abs(np.asarray(plain) - np.asarray(base_logits)).max() > 1e-2

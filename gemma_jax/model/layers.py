@@ -38,8 +38,8 @@ class Einsum(nn.Module):
   """A weight `weight_name` of `shape` contracted with the input by `eqn`, e.g. 'BTD,NDH->BTNH'.
 
   With `lora_slots` (indices of the weight's stacked projections, see `lora.SLOTS`), each of those slots also
-  has a low-rank adapter (`lora_<slot>_a`, `lora_<slot>_b`, rank `lora_rank`, sharded as the weight's axes say),
-  added as `lora_factor * (x a) b` (see `model/lora.py`).
+  has a low-rank adapter (`lora_<slot>_a`, `lora_<slot>_b`, rank `lora_rank`, f32, sharded as the weight's axes
+  say), added as `lora_factor * (x a) b` (see `model/lora.py`).
   """
 
   shape: tuple[int, ...]
@@ -65,10 +65,10 @@ class Einsum(nn.Module):
     a_shape, b_shape = lora.adapter_shapes(eqn, self.shape, self.lora_rank)
     a_axes, b_axes = lora.adapter_axes(eqn, self.axes)
     adapters = {}
-    for i in self.lora_slots:
-      a = self.param(lora.leaf_name(names[i], "a"), param_init(lora.init_a, a_axes), a_shape, self.param_dtype)
+    for i in self.lora_slots:  # f32 whatever the base's dtype (as peft's autocast_adapter_dtype)
+      a = self.param(lora.leaf_name(names[i], "a"), param_init(lora.init_a, a_axes), a_shape, jnp.float32)
       b = self.param(lora.leaf_name(names[i], "b"), param_init(nn.initializers.zeros_init(), b_axes), b_shape,
-                     self.param_dtype)
+                     jnp.float32)
       adapters[i] = (a, b)
     return lora.apply(eqn, y, x, adapters, self.lora_factor)
 
