@@ -1,6 +1,6 @@
 """ORPO with LoRA adapters on the real Gemma 3 270M (PT) on CPU: configs/orpo_gemma3_270m_cpu.py with rank-16
-adapters on every projection (lora.targets defaults to all-linear; the base frozen, in bf16), so only ~3.8M parameters train and the run
-checkpoints hold the adapters alone.
+adapters on every projection (lora.targets defaults to all-linear; the base frozen, in bf16), so only ~3.8M
+parameters train and the run checkpoints hold the adapters alone.
 
     python -m train.train --config=configs/orpo_gemma3_270m_lora.py --workdir=/tmp/lora \
         --config.data.train=prefs.jsonl --config.data.eval=prefs_test.jsonl

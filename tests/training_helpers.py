@@ -14,13 +14,14 @@ WORDS = ("the capital of france is paris . a model answers questions about citie
          "hello world how are you today ? fine thanks ! one two three four five six seven eight nine ten").split()
 
 
-def write_tiny_checkpoint(path: str, tokenizer, *, seed: int = 0) -> str:
-  """A random tiny Gemma 3 (2 layers, the tokenizer's 300-piece vocabulary) in our checkpoint format, kind PT."""
+def write_tiny_checkpoint(path: str, tokenizer, *, seed: int = 0, config=None) -> str:
+  """A random tiny Gemma 3 (2 layers, the tokenizer's 300-piece vocabulary) in our checkpoint format, kind PT;
+  or `config`'s model."""
   from helpers import tiny_config
   from gemma_jax import checkpoint
   from gemma_jax.model import init_params
-  config = tiny_config("gemma3", num_layers=2, vocab_size=tokenizer.vocab_size, embed_dim=32, hidden_dim=64,
-                       head_dim=8, query_pre_attn_scalar=8)
+  config = config or tiny_config("gemma3", num_layers=2, vocab_size=tokenizer.vocab_size, embed_dim=32,
+                                 hidden_dim=64, head_dim=8, query_pre_attn_scalar=8)
   params = jax.device_get(init_params(config, jax.random.key(seed)))
   checkpoint.save(path, config=config, params=params, tokenizer=tokenizer, template=None, kind="pt",
                   provenance={"test": "tiny random model"})

@@ -1,8 +1,8 @@
 """What a path holds: our checkpoint, a transformers Gemma directory, an official Flax checkpoint, or a GGUF.
 
-`detect_format(path)` returns "native", "hf", "official", "gguf" or "peft" (LoRA adapters), or raises a one-line CheckpointError
-saying what the path is instead and what to do (Llama directory: unsupported architecture; pickle-only
-weights: refused, convert to safetensors; anything else: what a checkpoint looks like).
+`detect_format(path)` returns "native", "hf", "official", "gguf" or "peft" (LoRA adapters), or raises a one-line
+CheckpointError saying what the path is instead and what to do (Llama directory: unsupported architecture;
+pickle-only weights: refused, convert to safetensors; anything else: what a checkpoint looks like).
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   objective = objectives.get(config.objective)
   start = resolve_start(config)
   model_config = training_model_config(config, start.config)
-  check_adapters_match(start, model_config)
+  check_adapters_match(start, model_config, config.merge_alpha)
   adapters_only = bool(model_config.lora_rank)  # LoRA: only the adapters train, and run checkpoints hold them
   check_tokenizer_fits(start.tokenizer, model_config, config.tokenizer or f"{start.path or config.init_from}")
   mesh = make_mesh(config.mesh)
@@ -224,7 +224,8 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
           "raise max_nonfinite")
 
   def save_run(force: bool = False) -> bool:
-    return run_ckpt.save(step, saved_form(state), data_state, {**meta_base, "best_eval_loss": _finite(evaluate.best_loss)},
+    return run_ckpt.save(step, saved_form(state), data_state,
+                         {**meta_base, "best_eval_loss": _finite(evaluate.best_loss)},
                          force=force)
 
   try:

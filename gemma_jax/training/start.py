@@ -108,17 +108,22 @@ def check_tokenizer_fits(tokenizer: Tokenizer, model_config: TransformerConfig, 
                       "tokenizer the model was trained with (the checkpoint's own, the default)")
 
 
-def check_adapters_match(start: Start, model_config: TransformerConfig) -> None:
+def check_adapters_match(start: Start, model_config: TransformerConfig, merge_alpha: float = 1.0) -> None:
   """A start that carries adapters trains on with the same ones (rank, alpha, targets), or is refused."""
   if not start.config.lora_rank:
     return
+  if float(merge_alpha) != 1.0:  # (a, b) interpolated apart are not the model interpolated
+    raise ConfigError(f"merge_alpha={merge_alpha}: init_from={start.path} carries adapters already; merge_alpha "
+                      "applies to adapters trained from a base (or merge them first: python -m gemma_jax.convert "
+                      "--src=ADAPTERS --dst=MERGED --merge)")
   saved = {f: getattr(start.config, f) for f in LORA_FIELDS}
   now = {f: getattr(model_config, f) for f in LORA_FIELDS}
   if saved != now:
-    diffs = "; ".join(f"lora.{LORA_FIELDS[f]}: {saved[f]!r} saved, {now[f]!r} now" for f in saved if saved[f] != now[f])
+    diffs = "; ".join(f"lora.{LORA_FIELDS[f]}: {saved[f]!r} saved, {now[f]!r} now" for f in saved
+                      if saved[f] != now[f])
     raise ConfigError(f"init_from={start.path} carries adapters; train them on with the same settings ({diffs}), "
-                      "or merge them into a full checkpoint first (python -m gemma_jax.convert --in=ADAPTERS "
-                      "--out=MERGED)")
+                      "or merge them into a full checkpoint first (python -m gemma_jax.convert --src=ADAPTERS "
+                      "--dst=MERGED --merge)")
 
 
 def initial_params(start: Start, model_config: TransformerConfig, ctx: ShardingContext, seed: int):
