@@ -93,7 +93,8 @@ _HEAVY_FILES = {
     "test_benchmarks.py": 70, "test_training_checkpointing.py": 70, "test_sampling_real.py": 70,
     "test_training_logprobs.py": 65, "test_training_orpo_trl_parity.py": 90, "test_training_workdir.py": 55,
     "test_model_hf_parity.py": 150, "test_real_model.py": 55, "test_data_learn_to_stop.py": 50,
-    "test_model_moe.py": 40, "test_training_lora.py": 200, "test_convert_peft.py": 35}
+    "test_model_moe.py": 40, "test_training_lora.py": 240, "test_convert_peft.py": 35,
+    "test_model_lora.py": 45, "test_training_gemma4.py": 150}
 
 
 def pytest_collection_modifyitems(config, items):

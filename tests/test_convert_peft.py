@@ -66,6 +66,7 @@ def test_exported_adapters_are_peft_files_tensor_for_tensor(converted, tmp_path)
       ref["r"], ref["lora_alpha"], sorted(ref["target_modules"]))
 
 
+@pytest.mark.slow  # two more conversions: `bash scripts/test.sh --slow`
 def test_merged_model_computes_the_adapted_one(converted, tmp_path):
   merged, hf = str(tmp_path / "merged"), str(tmp_path / "hf")
   convert(src=converted[1], dst=merged, merge=True)

@@ -34,6 +34,7 @@ def _run_checkpoint_arrays(workdir: str, step: int) -> set[str]:
   return {k for k, v in tree.items() if v["value_metadata"]["value_type"] != "None"}
 
 
+@pytest.mark.slow  # whole runs end to end: `bash scripts/test.sh --slow`
 def test_adapters_train_alone_and_final_is_an_adapter_checkpoint(ws, tmp_path):
   workdir = str(tmp_path / "run")
   # With an evaluation at step 2: its greedy samples run the adapted model (a sampler refuses adapters its
