@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -100,7 +99,7 @@ def theirs(args) -> dict:
   torch.set_num_threads(args.threads)
   with open(os.path.join(args.work, "pairs.json")) as f:
     spec = json.load(f)
-  processing, words = _word_tokenizer(spec["vocab_size"])
+  processing, words = orpo_cpu.word_tokenizer(spec["vocab_size"])
   data = Dataset.from_list([{"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)}
                             for p, c, r in spec["pairs"]])
   model = AutoModelForCausalLM.from_pretrained(os.path.join(args.work, "hf"), dtype=torch.float32,
@@ -131,20 +130,6 @@ def theirs(args) -> dict:
   trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
   return {"median_step_s": statistics.median(times[1:] or times), "loaded_mib": loaded, "peak_mib": _peak_mib(),
           "trained_params": int(trained), "torch_threads": torch.get_num_threads()}
-
-
-def _word_tokenizer(vocab_size: int):
-  """orpo_cpu's word-level tokenizer ("w<id>" -> id), for TRL to see exactly our token ids."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-  vocab = {w: i for i, w in enumerate(specials)}
-  vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
-  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  processing = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                       bos_token="<bos>", unk_token="<unk>")
-  return processing, lambda ids: " ".join(specials[i] if i < len(specials) else f"w{i}" for i in ids)
 
 
 def main(argv=None) -> None:
@@ -182,12 +167,7 @@ def main(argv=None) -> None:
         cmd = [python[side], os.path.abspath(__file__), f"--side={side}", f"--work={work}", f"--rank={rank}",
                f"--steps={args.steps}", f"--pairs={args.pairs}", f"--seq_len={args.seq_len}",
                f"--threads={args.threads}"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not lines:
-          sys.stderr.write(proc.stderr[-4000:])
-          raise SystemExit(f"{side} (rank {rank}) failed (exit {proc.returncode})")
-        r = json.loads(lines[-1][len("RESULT "):])
+        r = orpo_cpu.run_worker(cmd, env, "RESULT", f"{side} (rank {rank})")
         who = "gemma_jax" if side == "ours" else ("trl+peft" if rank else "trl")
         name = f"{who} {f'lora r{rank}' if rank else 'full'}"
         r = {"run": name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}}

@@ -127,17 +127,11 @@ def run_jax(imported, batch, steps: int, saved_logits_mib: int, chunk_bytes: int
 # ---------------------------------------------------------------------------------------------------------
 # TRL side (runs under /opt/hfref/bin/python; imports torch / transformers / trl only here)
 
-def trl_worker(args) -> None:
-  import torch
-  from datasets import Dataset
+def word_tokenizer(vocab_size: int):
+  """(an HF fast tokenizer with one word per id, "w17" -> 17 and <pad> <eos> <bos> <unk> -> 0-3, ids -> words):
+  TRL's own tokenize_row / collator then build exactly our rows. Reference venv only."""
   from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
-  from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-  torch.set_num_threads(args.threads)
-  with open(os.path.join(args.work, "pairs.json")) as f:
-    spec = json.load(f)
-  vocab_size, pairs = spec["vocab_size"], spec["pairs"]
+  from transformers import PreTrainedTokenizerFast
   specials = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0-3; never substrings of the "w<id>" words
   vocab = {w: i for i, w in enumerate(specials)}
   vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
@@ -145,7 +139,20 @@ def trl_worker(args) -> None:
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   processing = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
                                        bos_token="<bos>", unk_token="<unk>")
-  words = lambda ids: " ".join(specials[i] if i < len(specials) else f"w{i}" for i in ids)
+  return processing, lambda ids: " ".join(specials[i] if i < len(specials) else f"w{i}" for i in ids)
+
+
+def trl_worker(args) -> None:
+  import torch
+  from datasets import Dataset
+  from transformers import AutoModelForCausalLM, TrainerCallback
+  from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+  torch.set_num_threads(args.threads)
+  with open(os.path.join(args.work, "pairs.json")) as f:
+    spec = json.load(f)
+  vocab_size, pairs = spec["vocab_size"], spec["pairs"]
+  processing, words = word_tokenizer(vocab_size)
   check = [int(i) for i in pairs[0][0] + pairs[0][1]]
   assert processing(words(check), add_special_tokens=False)["input_ids"] == check, "word tokenizer round trip"
   data = Dataset.from_list([{"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)}
@@ -181,6 +188,17 @@ def trl_worker(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+def run_worker(cmd: list[str], env: dict[str, str], tag: str, what: str) -> dict:
+  """Runs a worker process and returns the JSON of its last stdout line starting with `tag`; its stderr's tail
+  and SystemExit when it fails."""
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith(tag + " ")]
+  if proc.returncode or not lines:
+    sys.stderr.write(proc.stderr[-4000:])
+    raise SystemExit(f"{what} failed (exit {proc.returncode})")
+  return json.loads(lines[-1][len(tag) + 1:])
+
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -242,12 +260,7 @@ def main(argv=None) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     cmd = [HFREF_PYTHON, os.path.abspath(__file__), "--trl_worker", f"--work={work}",
            f"--trl_steps={args.trl_steps}", f"--threads={args.threads}", f"--dtype={args.dtype}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("TRL_RESULT ")]
-    if proc.returncode or not lines:
-      sys.stderr.write(proc.stderr[-4000:])
-      raise SystemExit(f"TRL worker failed (exit {proc.returncode})")
-    trl = json.loads(lines[-1][len("TRL_RESULT "):])
+    trl = run_worker(cmd, env, "TRL_RESULT", "TRL worker")
     assert trl["tokens_per_step"] == tokens_per_step, (trl["tokens_per_step"], tokens_per_step)
     timed = trl["step_times_s"][1:] or trl["step_times_s"]
     trl_step = statistics.median(timed)
