@@ -24,7 +24,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = cli.define_config_file("config", os.path.join(_ROOT, "configs", "chat_demo.py"),
                                  "Run config file of the ORPO step; override fields with --config.<field>=value.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/chat-demo", "Directory for the run, the report and the plots.")
-_EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 64, "Held-out questions to answer before and after (0 = all).")
+_EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Held-out questions to answer before and after (0 = all).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Reply budget; a reply not ended by then did not stop.")
 _BATCH = flags.DEFINE_integer("sample_batch", 16, "Sampling batch size.")
 _TRANSCRIPTS = flags.DEFINE_integer("transcripts", 4, "Questions shown side by side in the report.")
