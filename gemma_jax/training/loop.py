@@ -167,7 +167,8 @@ def _train(config: ml_collections.ConfigDict, wd: Workdir, signals: SignalCatche
   # Eval scores each example alone (vmapped): its model has no sharding constraints, GSPMD places it.
   eval_loss_fn = objectives.make_loss_fn(config, Transformer(model_config), model_config, max_targets)
   eval_step = step_lib.jit_eval_step(loss_fn=eval_loss_fn, mesh=mesh, param_shardings=p_shardings,
-                                     aux_shardings=aux_shardings, rows_per_example=objective.rows_per_example)
+                                     aux_shardings=aux_shardings, rows_per_example=objective.rows_per_example,
+                                     sequential=bool(model_config.num_experts))  # ragged_dot does not vmap
   best_eval = math.inf
   if not fresh:
     target = state_lib.abstract_state(optimizer, shapes, s_shardings, trainable)

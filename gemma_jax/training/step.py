@@ -106,18 +106,21 @@ def jit_train_step(*, loss_fn: LossFn, optimizer: optax.GradientTransformation, 
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], aux: Any, *, loss_fn: LossFn, rows_per_example: int,
-              ) -> dict[str, jax.Array]:
+              sequential: bool = False) -> dict[str, jax.Array]:
   """Sums over the real examples of one `[1, R, T]` batch of their own loss and metrics, and their count.
 
   Each example (a pair: chosen row i and rejected row B + i; or one SFT row) is scored alone (vmapped), so a
   batch metric is exactly the mean of per-example metrics. An example whose first row is all padding (the
   rows filling a last partial batch) counts for nothing. Returns {"count": n, "loss": sum, <metric>: sum}.
   `loss_fn` should use a model without a sharding context (GSPMD places the vmapped examples).
+  sequential: score the examples one after another (`lax.map`) instead: for models whose ops have no batching
+  rule (Gemma 4's expert dispatch, `lax.ragged_dot`); the same numbers.
   """
   mb = jax.tree.map(lambda x: x[0], batch)
   k = rows_per_example
   examples = {n: jnp.swapaxes(x.reshape(k, x.shape[0] // k, *x.shape[1:]), 0, 1) for n, x in mb.items()}
-  loss, metrics = jax.vmap(lambda ex: loss_fn(params, ex, aux))(examples)  # each [B]
+  score = lambda ex: loss_fn(params, ex, aux)
+  loss, metrics = jax.lax.map(score, examples) if sequential else jax.vmap(score)(examples)  # each [B]
   real = jnp.any(examples["input_mask"][:, 0].astype(bool), axis=-1)  # [B]
   out = {"loss": loss, **metrics}
   sums = {n: jnp.sum(jnp.where(real, v.astype(jnp.float32), 0.0)) for n, v in out.items()}
@@ -125,9 +128,10 @@ def eval_step(params: Any, batch: dict[str, jax.Array], aux: Any, *, loss_fn: Lo
 
 
 def jit_eval_step(*, loss_fn: LossFn, mesh: Mesh, param_shardings: Any, aux_shardings: Any = None,
-                  rows_per_example: int = 2):
+                  rows_per_example: int = 2, sequential: bool = False):
   """`eval(params, batch, aux) -> {"count", "loss", <metric>: sums over real examples}` jitted over the mesh."""
   replicated = NamedSharding(mesh, P())
-  fn = lambda p, b, a: eval_step(p, b, a, loss_fn=loss_fn, rows_per_example=rows_per_example)
+  fn = lambda p, b, a: eval_step(p, b, a, loss_fn=loss_fn, rows_per_example=rows_per_example,
+                                 sequential=sequential)
   return jax.jit(fn, in_shardings=(param_shardings, batch_sharding(mesh), aux_shardings),
                  out_shardings=replicated)
