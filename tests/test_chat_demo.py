@@ -68,7 +68,8 @@ def test_demo_on_the_real_model_learns_to_stop(tmp_path):
   work = tmp_path / "demo"
   cmd = [sys.executable, "-m", "train.demo", f"--workdir={work}", "--eval_limit=8", "--max_new_tokens=24",
          "--transcripts=2", "--config.num_steps=10", "--config.optim.lr=2e-4", "--config.eval.every=0",
-         "--config.eval.max_batches=2", "--config.eval.num_samples=0", "--config.progress=False"]
+         "--config.eval.max_batches=2", "--config.eval.num_samples=0", "--config.progress=False",
+         "--config.merge_alpha=1.0"]  # 10 steps, unmerged: the recipe's merge at 0.7 needs its 24 steps to stop
   env = subprocess_env(1)  # one CPU device, as a user runs it
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500, env=env)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

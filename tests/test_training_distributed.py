@@ -54,7 +54,8 @@ def test_two_processes_match_one(tiny_tokenizer, tmp_path):
     keys = [k for k in x if k not in timings]
     assert set(keys) == set(y) - timings
     for k in keys:
-      np.testing.assert_allclose(y[k], x[k], rtol=1e-5, atol=1e-6, err_msg=f"step {x['step']} {k}")
+      # (atol: metrics near 0, such as log_odds_chosen ~ -0.08, differ by ~2e-6 in f32 across reduction orders)
+      np.testing.assert_allclose(y[k], x[k], rtol=1e-5, atol=1e-5, err_msg=f"step {x['step']} {k}")
   assert "eval_loss" in a[2] and "loss" in a[0]
 
   p1 = checkpoint.load(os.path.join(one, "final")).params
