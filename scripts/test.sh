@@ -2,7 +2,7 @@
 # Sets up .venv and runs the tests; extra pytest arguments pass through.
 #   bash scripts/test.sh          the unit tests: everything but the `slow` tests (11-14 min on 2 cores)
 #   bash scripts/test.sh --slow   the end-to-end tests: the real Gemma 3 270M, the main job (train.demo) shortened,
-#                                 the scripts run as processes (12-16 min on 2 cores)
+#                                 the scripts run as processes, LoRA and Gemma 4 runs (about 20 min on 2 cores)
 #   bash scripts/test.sh --all    both (CI runs the two tiers one after the other: .ci/run)
 # pytest-xdist workers: one per core plus one (the tests wait on subprocesses and disk a fifth of the time), at
 # most 4 (each holds a few GiB); GEMMA_JAX_TEST_WORKERS overrides (0 or 1: no workers).
