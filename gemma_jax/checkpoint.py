@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -144,7 +145,6 @@ def _sync(name: str) -> None:
 
 def base_hash(metadata: dict[str, Any]) -> str:
   """A checkpoint's content hash, from its metadata alone: sha256 of every tensor's name, shape and checksum."""
-  import hashlib
   tensors = metadata.get("tensors") or {}
   text = json.dumps({k: [v.get("shape"), v.get("checksum")] for k, v in sorted(tensors.items())
                      if not lora.is_adapter_name(k.rsplit("/", 1)[-1])})

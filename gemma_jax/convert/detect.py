@@ -19,6 +19,7 @@ Format = Literal["native", "hf", "official", "gguf", "peft"]
 
 # Weight files that only unpickling could read (never done); lower-case suffixes.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PEFT_CONFIG = "adapter_config.json"  # what marks an HF peft adapter directory
 ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA", "checkpoint")
 
 EXPECTED = ("expected a gemma_jax checkpoint directory (metadata.json), a transformers Gemma directory "
@@ -35,8 +36,12 @@ def convert_command(src: str) -> str:
   """The exact command converting `src` to our format next to it."""
   src = os.path.normpath(src)
   stem = src[:-len(".gguf")] if src.lower().endswith(".gguf") else src
-  base = " --base=BASE_CHECKPOINT" if os.path.isfile(os.path.join(src, "adapter_config.json")) else ""
+  base = " --base=BASE_CHECKPOINT" if is_peft_dir(src) else ""
   return f"python -m gemma_jax.convert --src={src}{base} --dst={stem}-gemma_jax"
+
+
+def is_peft_dir(path: str) -> bool:
+  return os.path.isdir(path) and os.path.isfile(os.path.join(path, PEFT_CONFIG))
 
 
 def _is_gguf_file(path: str) -> bool:
@@ -97,7 +102,7 @@ def detect_format(path: str | os.PathLike) -> Format:
     raise CheckpointError(f"{path}: cannot list the directory ({e.strerror})") from None
   if METADATA_FILE in files and looks_native(path):
     return "native"
-  if "adapter_config.json" in files:
+  if PEFT_CONFIG in files:
     return "peft"
 
   has_safetensors = any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in files)

@@ -25,23 +25,20 @@ from typing import Any, Mapping
 import numpy as np
 
 from gemma_jax.convert.common import read_json_object
+from gemma_jax.convert.detect import PEFT_CONFIG
 from gemma_jax.convert.safetensors_io import ST_CODES, SafetensorsFile, write_safetensors
 from gemma_jax.errors import CheckpointError
 from gemma_jax.model import lora
 from gemma_jax.model.config import TransformerConfig
 from gemma_jax.model.params import flatten, param_shapes
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE = PEFT_CONFIG, "adapter_model.safetensors"
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 PROJECTION_OF = {m.split(".")[1]: p for p, m in MODULES.items()}  # "q_proj" -> "q"
 PREFIX = "base_model.model.model."
 NAME = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<module>self_attn|mlp)\.(?P<proj>\w+_proj)"
                   r"\.lora_(?P<which>[AB])\.weight$")
-
-
-def is_peft_dir(path: str) -> bool:
-  return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
 def _peft_name(layer: int, projection: str, which: str, prefix: str = PREFIX) -> str:

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from gemma_jax.checkpoint_format import looks_native
+from gemma_jax.convert.detect import is_peft_dir
 from gemma_jax.errors import UserError
 from gemma_jax.model.config import DTYPES, TransformerConfig
 
@@ -122,7 +123,7 @@ def _check_dst(dst: str, dst_format: str, overwrite: bool) -> None:
   if dst_format == "native":
     ours = os.path.isdir(dst) and looks_native(dst)
   elif dst_format == "peft":
-    ours = os.path.isdir(dst) and os.path.isfile(os.path.join(dst, "adapter_config.json"))
+    ours = is_peft_dir(dst)
   else:
     ours = os.path.isdir(dst) and os.path.isfile(os.path.join(dst, "config.json"))
   if not ours:

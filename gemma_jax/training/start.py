@@ -94,10 +94,10 @@ def resolve_start(config: ml_collections.ConfigDict) -> Start:
 
 def training_model_config(config: ml_collections.ConfigDict, saved: TransformerConfig) -> TransformerConfig:
   """The saved model config with the run's compute dtype, master-weight dtype, remat policy and adapters."""
-  lora = config.lora
+  adapters = config.lora
   return saved.replace(dtype=config.compute_dtype, param_dtype=config.param_dtype, remat=config.remat,
-                       lora_rank=lora.rank, lora_alpha=float(lora.alpha), lora_rslora=lora.rslora,
-                       lora_targets=lora.targets)
+                       lora_rank=adapters.rank, lora_alpha=float(adapters.alpha), lora_rslora=adapters.rslora,
+                       lora_targets=adapters.targets)
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, model_config: TransformerConfig, where: str) -> None:
